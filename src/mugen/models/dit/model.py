@@ -1,0 +1,333 @@
+"""MUG-DiT: the video diffusion transformer of the MUG-V report (seed §3.2).
+
+Single-device model code. Parallelism, activation checkpointing and compilation are applied from
+outside (see DESIGN.md); nothing here knows about process groups.
+
+Sequence layout: ``[start_token, video tokens in (T, H, W) order, end_token]``.
+Block (LLM-like, full attention):
+    x = x + gate_msa * SelfAttn(adaLN(LN(x); shift_msa, scale_msa))    # qkv bias, RMS QK-norm, 3D RoPE
+    x = x + CrossAttn(LN_affine(x), text)                               # RMS QK-norm, padded text masked
+    x = x + gate_mlp * MLP(adaLN(LN(x); shift_mlp, scale_mlp))
+Global signals (seed §3.2 "Global signal embedding", adaLN-single): sinusoidal timestep and fps
+embeddings through MLPs, summed, one shared ``SiLU -> Linear(d, 6d)``, plus each block's own
+learnable ``[6, d]`` table.
+Frame conditioning (seed §3.2 "Image/frame conditioning"): tokens of conditioned frames hold clean
+latents and take the t = 0 modulation; everything else takes the sample's t.
+
+Parameter names and shapes follow the released ``dit.pt`` so it loads strictly into the 10B preset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mugen.models.common.layers import MLP, RMSNorm, ScalarEmbedder, modulate
+from mugen.models.common.rope import apply_rope, rope_cos_sin, video_rope_angles
+
+
+@dataclass
+class MUGDiTConfig:
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    latent_channels: int = 24
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    text_dim: int = 4096
+    qk_norm: bool = True
+    rope_theta: float = 10000.0
+    rope_max_time: int = 480  # frame indices are clamped below this (the release's table size)
+    default_fps: float = 30.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def output_channels(self) -> int:
+        # The release predicts 2 x C channels; the first C are the velocity.
+        return 2 * self.latent_channels
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["patch_size"] = list(self.patch_size)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MUGDiTConfig":
+        data = dict(data)
+        data["patch_size"] = tuple(data.get("patch_size", (1, 2, 2)))
+        return cls(**data)
+
+
+class SelfAttention(nn.Module):
+    """Full bidirectional attention over the video sequence with QK RMSNorm and 3D RoPE."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, rope_cos: Tensor, rope_sin: Tensor) -> Tensor:
+        batch, tokens, dim = x.shape
+        qkv = self.qkv(x).view(batch, tokens, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.unbind(2)  # each (B, N, heads, hd)
+        q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (tensor.transpose(1, 2) for tensor in (q, k, v))  # (B, heads, N, hd)
+        q = apply_rope(q, rope_cos, rope_sin)
+        k = apply_rope(k, rope_cos, rope_sin)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, hd)
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+
+
+class CrossAttention(nn.Module):
+    """Video tokens attend to text tokens; padded text tokens are masked out."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q_linear = nn.Linear(dim, dim)
+        self.kv_linear = nn.Linear(dim, 2 * dim)
+        self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, text: Tensor, text_attn_mask: Tensor | None) -> Tensor:
+        batch, tokens, dim = x.shape
+        text_len = text.shape[1]
+        q = self.q_norm(self.q_linear(x).view(batch, tokens, self.num_heads, self.head_dim))
+        k, v = self.kv_linear(text).view(batch, text_len, 2, self.num_heads, self.head_dim).unbind(2)
+        k = self.k_norm(k)
+        q, k, v = (tensor.transpose(1, 2) for tensor in (q, k, v))  # (B, heads, len, hd)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=text_attn_mask)  # mask (B, 1, 1, L)
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+
+
+def select_modulation(table: Tensor, t_mod: Tensor, t0_mod: Tensor | None, clean_tokens: Tensor | None, count: int):
+    """Per-token adaLN parameters.
+
+    table: (count, d) learnable; t_mod, t0_mod: (B, count * d). clean_tokens: (B, N, 1) bool or None.
+    Returns ``count`` tensors, each (B, 1, d) without conditioning or (B, N, d) with it.
+    """
+    batch = t_mod.shape[0]
+    params = (table[None] + t_mod.view(batch, count, -1)).chunk(count, dim=1)  # each (B, 1, d)
+    if clean_tokens is None:
+        return params
+    params_clean = (table[None] + t0_mod.view(batch, count, -1)).chunk(count, dim=1)
+    return tuple(torch.where(clean_tokens, p0, p) for p, p0 in zip(params, params_clean))
+
+
+class MUGDiTBlock(nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = True):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden_size, eps=1e-6, elementwise_affine=False)
+        self.attn = SelfAttention(hidden_size, num_heads, qk_norm=qk_norm)
+        self.cross_attn_norm = nn.LayerNorm(hidden_size, eps=1e-6, elementwise_affine=True)
+        self.cross_attn = CrossAttention(hidden_size, num_heads, qk_norm=qk_norm)
+        self.mlp = MLP(hidden_size, int(hidden_size * mlp_ratio))
+        self.scale_shift_table = nn.Parameter(torch.randn(6, hidden_size) / hidden_size**0.5)
+
+    def forward(
+        self,
+        x: Tensor,  # (B, N + 2, d)
+        text: Tensor,  # (B, L, d)
+        text_attn_mask: Tensor | None,  # (B, 1, 1, L) bool
+        t_mod: Tensor,  # (B, 6d)
+        t0_mod: Tensor | None,  # (B, 6d), the t = 0 modulation for conditioned frames
+        clean_tokens: Tensor | None,  # (B, N + 2, 1) bool
+        rope_cos: Tensor,
+        rope_sin: Tensor,
+    ) -> Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = select_modulation(
+            self.scale_shift_table, t_mod, t0_mod, clean_tokens, 6
+        )
+        x = x + gate_msa * self.attn(modulate(self.norm(x), shift_msa, scale_msa), rope_cos, rope_sin)
+        x = x + self.cross_attn(self.cross_attn_norm(x), text, text_attn_mask)
+        x = x + gate_mlp * self.mlp(modulate(self.norm(x), shift_mlp, scale_mlp))
+        return x
+
+
+class TextEmbedder(nn.Module):
+    """LayerNorm (no affine) -> MLP -> LayerNorm (no affine) (seed §3.2 "Normalisations")."""
+
+    def __init__(self, text_dim: int, hidden_size: int):
+        super().__init__()
+        self.pre_norm = nn.LayerNorm(text_dim, eps=1e-6, elementwise_affine=False)
+        self.y_proj = MLP(text_dim, hidden_size, hidden_size)
+        self.post_norm = nn.LayerNorm(hidden_size, eps=1e-6, elementwise_affine=False)
+
+    def forward(self, text_states: Tensor) -> Tensor:
+        return self.post_norm(self.y_proj(self.pre_norm(text_states)))
+
+
+class PatchEmbed3D(nn.Module):
+    def __init__(self, patch_size: tuple[int, int, int], in_channels: int, hidden_size: int):
+        super().__init__()
+        self.proj = nn.Conv3d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, latents: Tensor) -> Tensor:
+        return self.proj(latents).flatten(2).transpose(1, 2)  # (B, C, T, H, W) -> (B, T*h*w, d)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden_size: int, patch_volume: int, output_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, eps=1e-6, elementwise_affine=False)
+        self.linear = nn.Linear(hidden_size, patch_volume * output_channels)
+        self.scale_shift_table = nn.Parameter(torch.randn(2, hidden_size) / hidden_size**0.5)
+
+    def forward(self, x: Tensor, t_emb: Tensor, t0_emb: Tensor | None, clean_tokens: Tensor | None) -> Tensor:
+        shift, scale = select_modulation(self.scale_shift_table, t_emb.repeat(1, 2), None if t0_emb is None else t0_emb.repeat(1, 2), clean_tokens, 2)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class MUGDiT(nn.Module):
+    def __init__(self, config: MUGDiTConfig):
+        super().__init__()
+        if config.hidden_size % config.num_heads:
+            raise ValueError(f"hidden_size {config.hidden_size} is not divisible by num_heads {config.num_heads}")
+        if config.head_dim % 6:
+            raise ValueError(f"head dim {config.head_dim} must be divisible by 6 for 3D RoPE")
+        self.config = config
+        d = config.hidden_size
+        self.x_embedder = PatchEmbed3D(config.patch_size, config.latent_channels, d)
+        self.t_embedder = ScalarEmbedder(d)
+        self.fps_embedder = ScalarEmbedder(d)
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.y_embedder = TextEmbedder(config.text_dim, d)
+        self.blocks = nn.ModuleList(
+            [MUGDiTBlock(d, config.num_heads, config.mlp_ratio, config.qk_norm) for _ in range(config.depth)]
+        )
+        self.start_token = nn.Parameter(torch.zeros(d))
+        self.end_token = nn.Parameter(torch.zeros(d))
+        patch_volume = config.patch_size[0] * config.patch_size[1] * config.patch_size[2]
+        self.final_layer = FinalLayer(d, patch_volume, config.output_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """DiT/PixArt-style initialisation.
+
+        Linear layers: Xavier uniform, zero bias. Patch embed: Xavier on the flattened kernel (as a
+        linear layer). Scalar embedders and t_block: N(0, 0.02), as PixArt-alpha does for adaLN-single.
+        Cross-attention output projections are zero so the text path starts as a no-op, and the
+        output head is zero so the first prediction is 0 (a loss of E|x0 - eps|^2 = 2 on unit latents)
+        and early training is stable. Start/end tokens: N(0, 0.02).
+        """
+        if any(p.is_meta for p in self.parameters()):
+            return
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        weight = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        for embedder in (self.t_embedder, self.fps_embedder):
+            nn.init.normal_(embedder.mlp[0].weight, std=0.02)
+            nn.init.normal_(embedder.mlp[2].weight, std=0.02)
+        nn.init.normal_(self.t_block[1].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.cross_attn.proj.weight)
+            nn.init.zeros_(block.cross_attn.proj.bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+        nn.init.normal_(self.start_token, std=0.02)
+        nn.init.normal_(self.end_token, std=0.02)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def patch_grid(self, latent_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        """(T, H, W) of latents -> (T, h, w) token grid (the release pads up to a patch multiple)."""
+        return tuple(-(-size // patch) for size, patch in zip(latent_shape, self.config.patch_size))
+
+    def forward(
+        self,
+        latents: Tensor,  # (B, C, T, H, W) noisy latents
+        timestep: Tensor,  # (B,) in [0, 1000]; 1000 = pure noise
+        text_states: Tensor,  # (B, L, text_dim)
+        text_mask: Tensor | None = None,  # (B, L) bool, True = real token
+        fps: Tensor | None = None,  # (B,)
+        frame_cond_mask: Tensor | None = None,  # (B, T) bool, True = clean conditioning frame
+        frame_indices: Tensor | None = None,  # (B, T + 2) time positions of [start, frames, end]
+    ) -> Tensor:  # (B, 2C, T, H, W) float32; channels [:C] are the velocity x0 - eps
+        cfg = self.config
+        dtype = self.x_embedder.proj.weight.dtype
+        batch, _, frames, height, width = latents.shape
+        latents = latents.to(dtype)
+        grid_t, grid_h, grid_w = self.patch_grid((frames, height, width))
+        pad = (0, grid_w * cfg.patch_size[2] - width, 0, grid_h * cfg.patch_size[1] - height, 0, grid_t * cfg.patch_size[0] - frames)
+        if any(pad):
+            latents = F.pad(latents, pad)
+
+        # Global signals (adaLN-single): t and fps embeddings summed, one shared projection to 6d.
+        if fps is None:
+            fps = torch.full((batch,), cfg.default_fps, device=latents.device)
+        fps_emb = self.fps_embedder(fps.reshape(batch))
+        t_emb = self.t_embedder(timestep.reshape(batch)) + fps_emb  # (B, d)
+        t_mod = self.t_block(t_emb)  # (B, 6d)
+
+        clean_tokens = t0_emb = t0_mod = None
+        if frame_cond_mask is not None and bool(frame_cond_mask.any()):
+            if frame_cond_mask.shape != (batch, frames):
+                raise ValueError(f"frame_cond_mask has shape {tuple(frame_cond_mask.shape)}, expected {(batch, frames)}")
+            t0_emb = self.t_embedder(torch.zeros_like(timestep.reshape(batch))) + fps_emb
+            t0_mod = self.t_block(t0_emb)
+            frame_clean = frame_cond_mask.to(latents.device, torch.bool)
+            if grid_t * cfg.patch_size[0] != frames:
+                frame_clean = F.pad(frame_clean, (0, grid_t * cfg.patch_size[0] - frames))
+            frame_clean = frame_clean[:, :: cfg.patch_size[0]]  # (B, T') per token frame
+            video_clean = frame_clean[:, :, None].expand(batch, grid_t, grid_h * grid_w).reshape(batch, -1)
+            # The start/end tokens of a conditioned sample take the t = 0 modulation, as in the release.
+            sample_clean = frame_clean.any(dim=1, keepdim=True)  # (B, 1)
+            clean_tokens = torch.cat([sample_clean, video_clean, sample_clean], dim=1)[..., None]  # (B, N+2, 1)
+
+        # Text (seed §3.2 normalisations); padded tokens are masked out of cross-attention.
+        text = self.y_embedder(text_states.to(dtype))  # (B, L, d)
+        text_attn_mask = None
+        if text_mask is not None:
+            text_mask = text_mask.to(text.device, torch.bool)
+            if not bool(text_mask.any(dim=1).all()):
+                raise ValueError("every sample needs at least one real text token (text_mask row is all False)")
+            if not bool(text_mask.all()):
+                text_attn_mask = text_mask[:, None, None, :]  # (B, 1, 1, L)
+
+        # Video tokens framed by learnable start and end tokens.
+        x = self.x_embedder(latents)  # (B, N, d)
+        x = torch.cat([self.start_token.expand(batch, 1, -1), x, self.end_token.expand(batch, 1, -1)], dim=1)
+
+        if frame_indices is None:
+            frame_indices = torch.arange(grid_t + 2, device=x.device).expand(batch, -1)
+        angles = video_rope_angles(
+            frame_indices.to(x.device), grid_h, grid_w, cfg.head_dim, cfg.rope_theta, cfg.rope_max_time
+        )
+        rope_cos, rope_sin = rope_cos_sin(angles)  # (B, 1, N + 2, hd / 2)
+
+        for block in self.blocks:
+            x = block(x, text, text_attn_mask, t_mod, t0_mod, clean_tokens, rope_cos, rope_sin)
+
+        x = x[:, 1:-1]  # drop start/end tokens
+        video_clean_tokens = None if clean_tokens is None else clean_tokens[:, 1:-1]
+        x = self.final_layer(x, t_emb, t0_emb, video_clean_tokens)  # (B, N, p_t*p_h*p_w*C_out)
+        out = self.unpatchify(x, grid_t, grid_h, grid_w)
+        return out[:, :, :frames, :height, :width].float()
+
+    def unpatchify(self, x: Tensor, grid_t: int, grid_h: int, grid_w: int) -> Tensor:
+        """(B, T*h*w, p_t*p_h*p_w*C) -> (B, C, T*p_t, h*p_h, w*p_w); channel order (p_t, p_h, p_w, C)."""
+        p_t, p_h, p_w = self.config.patch_size
+        channels = self.config.output_channels
+        batch = x.shape[0]
+        x = x.view(batch, grid_t, grid_h, grid_w, p_t, p_h, p_w, channels)
+        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, T, p_t, h, p_h, w, p_w)
+        return x.reshape(batch, channels, grid_t * p_t, grid_h * p_h, grid_w * p_w)
