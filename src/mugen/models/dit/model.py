@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mugen.models.common.layers import MLP, RMSNorm, ScalarEmbedder, modulate
-from mugen.models.common.rope import apply_rope, rope_cos_sin, video_rope_angles
+from mugen.models.common.rope import apply_rope, rope_rotations, video_rope_angles
 
 
 @dataclass
@@ -76,14 +76,14 @@ class SelfAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, rope_cos: Tensor, rope_sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor) -> Tensor:
         batch, tokens, dim = x.shape
         qkv = self.qkv(x).view(batch, tokens, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(2)  # each (B, N, heads, hd)
         q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (tensor.transpose(1, 2) for tensor in (q, k, v))  # (B, heads, N, hd)
-        q = apply_rope(q, rope_cos, rope_sin)
-        k = apply_rope(k, rope_cos, rope_sin)
+        q = apply_rope(q, rope)
+        k = apply_rope(k, rope)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, hd)
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
 
@@ -144,13 +144,12 @@ class MUGDiTBlock(nn.Module):
         t_mod: Tensor,  # (B, 6d)
         t0_mod: Tensor | None,  # (B, 6d), the t = 0 modulation for conditioned frames
         clean_tokens: Tensor | None,  # (B, N + 2, 1) bool
-        rope_cos: Tensor,
-        rope_sin: Tensor,
+        rope: Tensor,  # (B, 1, N + 2, hd / 2) complex rotations
     ) -> Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = select_modulation(
             self.scale_shift_table, t_mod, t0_mod, clean_tokens, 6
         )
-        x = x + gate_msa * self.attn(modulate(self.norm(x), shift_msa, scale_msa), rope_cos, rope_sin)
+        x = x + gate_msa * self.attn(modulate(self.norm(x), shift_msa, scale_msa), rope)
         x = x + self.cross_attn(self.cross_attn_norm(x), text, text_attn_mask)
         x = x + gate_mlp * self.mlp(modulate(self.norm(x), shift_mlp, scale_mlp))
         return x
@@ -312,10 +311,10 @@ class MUGDiT(nn.Module):
         angles = video_rope_angles(
             frame_indices.to(x.device), grid_h, grid_w, cfg.head_dim, cfg.rope_theta, cfg.rope_max_time
         )
-        rope_cos, rope_sin = rope_cos_sin(angles)  # (B, 1, N + 2, hd / 2)
+        rope = rope_rotations(angles)  # (B, 1, N + 2, hd / 2) complex
 
         for block in self.blocks:
-            x = block(x, text, text_attn_mask, t_mod, t0_mod, clean_tokens, rope_cos, rope_sin)
+            x = block(x, text, text_attn_mask, t_mod, t0_mod, clean_tokens, rope)
 
         x = x[:, 1:-1]  # drop start/end tokens
         video_clean_tokens = None if clean_tokens is None else clean_tokens[:, 1:-1]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mugen.errors import MugenError
-from mugen.models.common.rope import apply_rope, rope_frequencies, video_rope_angles
+from mugen.models.common.rope import apply_rope, rope_frequencies, rope_rotations, video_rope_angles
 from mugen.models.dit import MUGDiT, dit_config
 
 FIXTURES = Path(__file__).resolve().parents[3] / "fixtures"
@@ -162,9 +162,11 @@ def test_rope_matches_complex_multiplication():
     # end token at spatial (H-1, W-1) and time index of the last slot
     torch.testing.assert_close(angles[1, -1], torch.cat([2 * freqs, 3 * freqs, 8 * freqs]))
     x = torch.randn(2, 3, angles.shape[1], head_dim)
-    rotated = apply_rope(x, angles.cos()[:, None], angles.sin()[:, None])
-    complex_x = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2))
-    expected = torch.view_as_real(complex_x * torch.polar(torch.ones_like(angles), angles)[:, None]).flatten(-2)
+    rotated = apply_rope(x, rope_rotations(angles))
+    # the same rotation written with real arithmetic on interleaved pairs
+    real, imag = x[..., 0::2], x[..., 1::2]
+    cos, sin = angles.cos()[:, None], angles.sin()[:, None]
+    expected = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1).flatten(-2)
     torch.testing.assert_close(rotated, expected)
 
 

@@ -1,0 +1,118 @@
+"""Time one MUG-DiT training step (forward + backward + AdamW) on a GPU.
+
+The issue's reference point: the official 1B model (1.21B params) at 360p with 10 latent frames
+(N = 9,202 tokens), AdamW, bf16 autocast took 760 ms eager / 507 ms with per-block compile on an
+H100 (shared/GPU.md). 360p latents are padded to 46 x 80 by the release (45 -> 46), which gives
+10 * 23 * 40 + 2 = 9,202 tokens; we feed 46 x 80 latents directly.
+
+    PYTHONPATH=src python benchmarks/bench_dit_train_step.py --preset 1B --compile both
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from mugen.models.dit import MUGDiT, dit_config
+
+
+def run(args, compile_blocks: bool, fused_adam: bool) -> dict:
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    model = MUGDiT(dit_config(args.preset, text_dim=args.text_dim)).to(device)
+    torch.nn.init.normal_(model.final_layer.linear.weight, std=0.02)
+    if compile_blocks:
+        for block in model.blocks:
+            block.compile()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused_adam)
+    b, t, h, w = args.batch, args.latent_frames, args.latent_height, args.latent_width
+    x0 = torch.randn(b, 24, t, h, w, device=device)
+    text = torch.randn(b, args.text_len, args.text_dim, device=device)
+    mask = torch.ones(b, args.text_len, dtype=torch.bool, device=device)
+    mask[:, args.text_len // 2 :] = False  # realistic padding: half the prompt slots are padding
+    fps = torch.full((b,), 30.0, device=device)
+    tokens = t * (h // 2) * (w // 2) + 2
+
+    def step():
+        noise = torch.randn_like(x0)
+        time_ = torch.rand(b, device=device)
+        x_t = (1 - time_.view(-1, 1, 1, 1, 1)) * x0 + time_.view(-1, 1, 1, 1, 1) * noise
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(x_t, time_ * 1000, text, mask, fps)
+        loss = (out[:, :24] - (x0 - noise)).pow(2).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    start = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    torch.cuda.synchronize()
+    warmup_s = time.perf_counter() - start
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(begin.elapsed_time(end))
+    d, depth, m = model.config.hidden_size, model.config.depth, args.text_len
+    n = tokens
+    # DESIGN.md: per block forward = 2N*14d^2 + 4M*d^2 + 4N^2*d + 4NM*d; backward = 2x forward.
+    flops = 3 * b * depth * (2 * n * 14 * d * d + 4 * m * d * d + 4 * n * n * d + 4 * n * m * d)
+    median_ms = statistics.median(times)
+    result = {
+        "preset": args.preset,
+        "params": model.num_parameters,
+        "tokens": n,
+        "batch": b,
+        "compile_blocks": compile_blocks,
+        "fused_adamw": fused_adam,
+        "median_step_ms": round(median_ms, 1),
+        "min_step_ms": round(min(times), 1),
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
+        "model_tflops_per_s": round(flops / (median_ms / 1e3) / 1e12, 1),
+        "warmup_s": round(warmup_s, 1),
+    }
+    del model, optimizer
+    torch.cuda.empty_cache()
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="1B", help="DiT preset name")
+    parser.add_argument("--latent-frames", type=int, default=10, help="latent frames (T/8)")
+    parser.add_argument("--latent-height", type=int, default=46, help="latent height (H/8)")
+    parser.add_argument("--latent-width", type=int, default=80, help="latent width (W/8)")
+    parser.add_argument("--text-len", type=int, default=300, help="text tokens (T5: 300)")
+    parser.add_argument("--text-dim", type=int, default=4096, help="text feature width (T5-XXL: 4096)")
+    parser.add_argument("--batch", type=int, default=1, help="samples per step")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--compile", choices=["no", "yes", "both"], default="both", help="per-block torch.compile")
+    parser.add_argument("--fused-adam", choices=["no", "yes", "both"], default="no", help="fused AdamW")
+    parser.add_argument("--json", default=None, help="write results here")
+    args = parser.parse_args()
+    compile_options = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
+    fused_options = {"no": [False], "yes": [True], "both": [False, True]}[args.fused_adam]
+    results = []
+    for compile_blocks in compile_options:
+        for fused in fused_options:
+            result = run(args, compile_blocks, fused)
+            print(json.dumps(result), flush=True)
+            results.append(result)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
