@@ -129,9 +129,9 @@ class VAETask:
             loss=losses["loss"],
             per_sample=losses["per_sample"].detach(),
             metrics={
-                "mse": float(losses["mse"]),
-                "l1": float(losses["l1"]),
-                "kl": float(losses["kl"]),
+                "mse": float(losses["mse"].detach()),
+                "l1": float(losses["l1"].detach()),
+                "kl": float(losses["kl"].detach()),
                 "psnr": quality,
                 "window": float(windows[pick]),
             },

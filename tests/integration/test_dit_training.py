@@ -1,0 +1,82 @@
+"""MUG-DiT trained by the generic Trainer: learning happens, and resume is exact."""
+
+import pytest
+import torch
+
+from latent_data import build_latent_dataset
+from mugen.flow.timesteps import resolution_shift_ratio, sample_training_timesteps
+
+from mugen.train.runs import DiTRunSpec, train_dit
+from mugen.train.tasks import DiTFlowTask, DiTTaskConfig
+from mugen.train.trainer import TrainConfig
+
+
+@pytest.fixture
+def latent_manifest(tmp_path):
+    return build_latent_dataset(tmp_path / "data")
+
+
+def spec(manifest, output, steps, checkpoint_every=0):
+    return DiTRunSpec(
+        manifest=str(manifest),
+        output_dir=str(output),
+        preset="debug",
+        model_overrides={"depth": 2},
+        train=TrainConfig(steps=steps, lr=2e-3, warmup_steps=5, log_every=5, checkpoint_every=checkpoint_every),
+        task=DiTTaskConfig(first_frame_cond_prob=0.5, text_dropout=0.1),
+        batch_size=2,
+    )
+
+
+class Killed(Exception):
+    pass
+
+
+def test_exact_resume_gives_the_same_losses(latent_manifest, tmp_path, monkeypatch):
+    """20 steps in one go == 10 steps, the process killed, a new run resuming to 20."""
+    straight = train_dit(spec(latent_manifest, tmp_path / "straight", 20))
+
+    original = DiTFlowTask.compute_loss
+    calls = {"n": 0}
+
+    def dies_in_step_11(self, model, batch, generator):
+        calls["n"] += 1
+        if calls["n"] == 11:
+            raise Killed()
+        return original(self, model, batch, generator)
+
+    monkeypatch.setattr(DiTFlowTask, "compute_loss", dies_in_step_11)
+    with pytest.raises(Killed):
+        train_dit(spec(latent_manifest, tmp_path / "resumed", 20, checkpoint_every=10))
+    monkeypatch.setattr(DiTFlowTask, "compute_loss", original)
+    resumed = train_dit(spec(latent_manifest, tmp_path / "resumed", 20, checkpoint_every=10))
+    assert [r["step"] for r in resumed] == list(range(1, 21))
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
+
+
+def best_text_blind_linear_loss(ratio: float, samples: int = 200_000) -> float:
+    """Expected loss of the best predictor v = a(t) x_t for unit-Gaussian latents.
+
+    x_t = (1-t) x0 + t eps, target x0 - eps: Var(x_t) = (1-t)^2 + t^2, Cov = 1 - 2t, so the residual
+    is 2 - (1-2t)^2 / ((1-t)^2 + t^2), averaged over the training timestep distribution.
+    """
+    t = sample_training_timesteps(samples, ratio, torch.Generator().manual_seed(0)).double()
+    return float((2 - (1 - 2 * t) ** 2 / ((1 - t) ** 2 + t**2)).mean())
+
+
+def test_loss_falls_below_the_best_text_blind_linear_predictor(tmp_path):
+    """Six random unit-variance latents with distinct captions. At init the zero head predicts v = 0,
+    a loss of E|x0 - eps|^2 = 2. A model that ignores the caption and is linear in x_t cannot go below
+    `best_text_blind_linear_loss` (~1.29 at this resolution's timestep shift); getting 0.1 under it
+    needs the network to have learned the samples through x_t, t and the text."""
+    manifest = build_latent_dataset(tmp_path / "data", videos=6, images=0)
+    run = spec(manifest, tmp_path / "learn", 300)
+    run.batch_size = 6
+    run.train.lr = 3e-3
+    run.task = DiTTaskConfig(text_dropout=0.0)
+    history = train_dit(run)
+    first = sum(r["loss"] for r in history[:5]) / 5
+    last = sum(r["loss"] for r in history[-50:]) / 50
+    baseline = best_text_blind_linear_loss(resolution_shift_ratio(32, 32, 3))
+    assert first > 1.8
+    assert last < baseline - 0.1, (first, last, baseline)
