@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from mugen.data import write_atomically
 from mugen.errors import MugenError
@@ -153,7 +154,8 @@ def read_manifest(path: str | os.PathLike) -> list[ManifestRow]:
         )
     folder = path.parent.expanduser().resolve()
     rows = []
-    for line, record in enumerate(records, start=1):
+    progress = tqdm(records, desc=f"reading {path.name}", leave=False, disable=len(records) < 10_000)
+    for line, record in enumerate(progress, start=1):
         values = {}
         for column in MANIFEST_COLUMNS:
             value = _convert(record.get(column), column, path, line)

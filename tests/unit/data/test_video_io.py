@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from mugen.data import write_atomically
 from mugen.data.video_io import (
     VIDEO_EXTENSIONS,
     probe_video,
@@ -65,6 +66,15 @@ def test_round_trip_psnr_and_probe(smooth_mp4):
     assert (info.num_frames, info.width, info.height, info.codec, info.rotation) == (12, 64, 48, "h264", 0)
     assert info.fps == pytest.approx(24.0)
     assert info.duration == pytest.approx(12 / 24, abs=0.02)
+
+
+def test_frames_are_counted_when_the_container_has_no_count(tmp_path):
+    path = write_video(tmp_path / "clip.mkv", frame_numbered_video(frames=7, size=16), fps=10)
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].frames == 0  # Matroska headers carry no frame count
+    info = probe_video(path)
+    assert info.num_frames == 7 and info.duration == pytest.approx(0.7, abs=0.05)
+    assert read_video(path)[0].shape[1] == 7
 
 
 def test_ntsc_frame_rate_survives(tmp_path):
@@ -182,12 +192,18 @@ def test_writes_are_atomic_and_leave_no_temporary_files(tmp_path):
     write_video(tmp_path / "a.mp4", smooth_video(frames=3, height=16, width=16), fps=8)
     write_contact_sheet(tmp_path / "a.png", smooth_video(frames=3, height=16, width=16))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mp4", "a.png"]
-    # A failing encode (NaN-free but wrong shape) must not leave a file behind either.
-    with pytest.raises(ValueError):
-        write_video(tmp_path / "b.mp4", torch.zeros(4, 3, 16, 16), fps=8)
+    before = (tmp_path / "a.mp4").read_bytes()
+
+    def fail_halfway(temporary):
+        temporary.write_bytes(b"half a video")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_atomically(tmp_path / "a.mp4", fail_halfway)
     with pytest.raises(MugenError, match="fps"):
         write_video(tmp_path / "b.mp4", smooth_video(frames=2, height=16, width=16), fps=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mp4", "a.png"]
+    assert (tmp_path / "a.mp4").read_bytes() == before
 
 
 @pytest.mark.parametrize("frames,max_frames,label,grid", [(10, 8, None, (2, 4)), (3, 8, "hello", (1, 3)), (16, 4, None, (1, 4))])
