@@ -54,6 +54,7 @@ class DemoConfig:
     guidance_scale: float = 3.0
     t2v_prompts: int = 12  # spread over the specs; all specs when >= their count
     i2v_samples: int = 4
+    text_encoder: str = "minilm"  # or precomputed:DIR made by `mugen text-features` from demo_prompts()
 
 
 DEMO_PRESETS = {
@@ -77,6 +78,13 @@ DEMO_PRESETS = {
         i2v_samples=8,
     ),
 }
+
+
+def demo_prompts() -> list[str]:
+    """Every caption the demo trains on or prompts with."""
+    from mugen.data.synthetic import all_specs
+
+    return [spec.caption() for spec in all_specs()]
 
 
 def _stage(timings: dict, name: str):
@@ -146,7 +154,7 @@ def run_demo(output_dir: str | Path, config: DemoConfig) -> Path:
 
     # 3. Encode procedural clips with exact captions.
     with _stage(timings, "encode"):
-        text_encoder = build_text_encoder("minilm", device=config.device)
+        text_encoder = build_text_encoder(config.text_encoder, device=config.device)
         samples = (
             EncodeSample(
                 sample_id=f"{spec.shape}-{spec.colour}-{spec.direction}-{seed}",
@@ -172,7 +180,7 @@ def run_demo(output_dir: str | Path, config: DemoConfig) -> Path:
             batch_size=config.dit_batch_size,
             device=config.device,
             vae_dir=str(vae_dir),
-            text_encoder="minilm",
+            text_encoder=config.text_encoder,
         )
         dit_history = train_dit(dit_spec)
 

@@ -76,6 +76,8 @@ class DiTFlowTask:
         kinds = batch.get("kinds") or ["video"] * batch_size
         weights = torch.tensor([cfg.image_loss_weight if k == "image" else 1.0 for k in kinds], device=device)
         fps = batch.get("fps")
+        if fps is not None:  # manifests without a frame rate (e.g. the official CSV) carry 0
+            fps = torch.where(fps > 0, fps, torch.full_like(fps, model.config.default_fps))
         per_sample = flow_matching_loss(
             model_velocity_fn(model, text, fps), x0, t, noise, frame_cond_mask, sample_weight=weights
         )
