@@ -34,7 +34,16 @@ class VideoPipelineOutput:
 
 
 class MugenVideoPipeline:
-    def __init__(self, dit, vae, text_encoder: TextEncoder, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        dit,
+        vae,
+        text_encoder: TextEncoder,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        shift_base_resolution: int = 512 * 512,
+    ):
+        self.shift_base_resolution = shift_base_resolution  # must match training (DiTTaskConfig)
         self.device = torch.device(device)
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.dit = dit.to(self.device).eval()
@@ -56,7 +65,8 @@ class MugenVideoPipeline:
         encoder = build_text_encoder(spec, device=device)
         if encoder.dim != dit.config.text_dim:
             raise MugenError(f"text encoder {spec!r} gives {encoder.dim}-d features but the DiT expects {dit.config.text_dim}; use the encoder it was trained with")
-        return cls(dit, VideoVAE.from_pretrained(vae_dir, device=device), encoder, device=device)
+        vae_model = VideoVAE.from_pretrained(vae_dir, device=device)
+        return cls(dit, vae_model, encoder, device=device, shift_base_resolution=record.get("shift_base_resolution", 512 * 512))
 
     def _check_request(self, num_frames: int, height: int, width: int) -> int:
         if height % 16 or width % 16 or height <= 0 or width <= 0:
@@ -131,7 +141,7 @@ class MugenVideoPipeline:
         config = FlowSamplerConfig(
             num_steps=num_inference_steps,
             guidance_scale=guidance_scale,
-            shift_ratio=resolution_shift_ratio(height, width, latent_frames),
+            shift_ratio=resolution_shift_ratio(height, width, latent_frames, self.shift_base_resolution),
             show_progress=show_progress,
         )
         autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)

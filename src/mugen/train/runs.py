@@ -97,6 +97,7 @@ def train_dit(spec: DiTRunSpec, resume: bool = True) -> list[dict]:
             "text_encoder": spec.text_encoder,
             "vae": spec.vae_dir,
             "manifest": str(manifest),
+            "shift_base_resolution": spec.task.shift_base_resolution,
         },
     )
     torch.manual_seed(spec.train.seed)

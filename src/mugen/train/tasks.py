@@ -24,6 +24,9 @@ class DiTTaskConfig:
     timestep_mean: float = 0.0  # logit-normal location
     timestep_std: float = 1.0  # logit-normal scale
     spatial_factor: int = 8  # VAE pixels per latent, for the resolution shift
+    # The shift ratio is sqrt(H*W / base) * sqrt(T_latent); the release uses base = 512^2. Small
+    # demo resolutions lower the base so training and sampling still cover the high-noise range.
+    shift_base_resolution: int = 512 * 512
 
 
 def model_velocity_fn(model: nn.Module, text: TextFeatures, fps: Tensor | None):
@@ -58,7 +61,9 @@ class DiTFlowTask:
         x0 = batch["latents"]  # (B, C, T, h, w), one shape per batch (shape buckets)
         batch_size, _, latent_frames, height, width = x0.shape
         device = x0.device
-        ratio = resolution_shift_ratio(height * cfg.spatial_factor, width * cfg.spatial_factor, latent_frames)
+        ratio = resolution_shift_ratio(
+            height * cfg.spatial_factor, width * cfg.spatial_factor, latent_frames, cfg.shift_base_resolution
+        )
         t = sample_training_timesteps(batch_size, ratio, generator, device, cfg.timestep_mean, cfg.timestep_std)
         noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
 
@@ -105,6 +110,7 @@ class VAETaskConfig:
     l1_weight: float = 1.0
     kl_weight: float = 1e-6
     decoder_windows: tuple[int, ...] = (1, 4, 8)  # seed §3.1.2: decoder sees 1, 4 or 8 latents
+    train_crop: int = 0  # > 0: train on random square crops of this size (the VAE is convolutional)
 
 
 class VAETask:
@@ -120,6 +126,11 @@ class VAETask:
         from mugen.models.vae.losses import psnr, vae_loss
 
         video = batch["video"]  # (B, 3, 8n, H, W)
+        crop = self.config.train_crop
+        if crop and (video.shape[-2] > crop or video.shape[-1] > crop):
+            top = int(torch.randint(video.shape[-2] - crop + 1, (1,), generator=generator, device=generator.device))
+            left = int(torch.randint(video.shape[-1] - crop + 1, (1,), generator=generator, device=generator.device))
+            video = video[..., top : top + crop, left : left + crop]  # (B, 3, 8n, crop, crop)
         latent_frames = video.shape[2] // 8
         windows = [w for w in self.config.decoder_windows if w <= latent_frames] or [1]
         pick = int(torch.randint(len(windows), (1,), generator=generator, device=generator.device).item())
