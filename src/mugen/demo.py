@@ -37,15 +37,15 @@ class DemoConfig:
     vae_preset: str = "tiny"
     vae_real_clips: int = 48
     vae_procedural_clips: int = 48
-    vae_steps: int = 300
-    vae_batch_size: int = 4
-    vae_lr: float = 2e-3
+    vae_steps: int = 600
+    vae_batch_size: int = 8
+    vae_lr: float = 1e-3
     vae_train_crop: int = 32  # train on random 32x32 crops (4x cheaper); evaluate on full frames
     heldout_clips: int = 8
     # DiT
     seeds_per_spec: int = 3  # procedural training clips per (shape, colour, direction)
     dit_overrides: dict = field(default_factory=dict)
-    dit_steps: int = 1200
+    dit_steps: int = 3000
     dit_batch_size: int = 16
     dit_lr: float = 1e-3
     first_frame_cond_prob: float = 0.3
@@ -68,13 +68,13 @@ DEMO_PRESETS = {
         device="cuda",
         vae_real_clips=192,
         vae_procedural_clips=192,
-        vae_steps=3000,
-        vae_batch_size=8,
+        vae_steps=2500,
+        vae_batch_size=32,
         vae_lr=1e-3,
         heldout_clips=16,
         seeds_per_spec=24,
         dit_overrides={"hidden_size": 384, "depth": 8, "num_heads": 4},
-        dit_steps=6000,
+        dit_steps=4000,
         dit_batch_size=64,
         dit_lr=5e-4,
         sample_steps=30,
