@@ -189,6 +189,7 @@ def run_demo(output_dir: str | Path, config: DemoConfig) -> Path:
             device=config.device,
             vae_dir=str(vae_dir),
             text_encoder=config.text_encoder,
+            cache_in_memory=True,
         )
         dit_history = train_dit(dit_spec)
 

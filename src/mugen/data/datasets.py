@@ -103,7 +103,15 @@ class LatentTextDataset(Dataset):
     files (`mugen.models.text.base.load_text_features`).
     """
 
-    def __init__(self, manifest_path_or_rows: str | os.PathLike | list[ManifestRow], text_loader: TextLoader | None = None):
+    def __init__(
+        self,
+        manifest_path_or_rows: str | os.PathLike | list[ManifestRow],
+        text_loader: TextLoader | None = None,
+        cache_in_memory: bool = False,
+    ):
+        # cache_in_memory: keep each loaded sample (small datasets: the demo, tests); reading two
+        # files per sample per step otherwise dominates the step time of small models.
+        self._cache: dict[int, dict] | None = {} if cache_in_memory else None
         if isinstance(manifest_path_or_rows, (str, os.PathLike)):
             self.rows = read_manifest(manifest_path_or_rows)
         else:
@@ -133,6 +141,14 @@ class LatentTextDataset(Dataset):
         return [self.shape_key(index) for index in range(len(self))]
 
     def __getitem__(self, index: int) -> dict:
+        if self._cache is not None and index in self._cache:
+            return dict(self._cache[index])
+        item = self._load(index)
+        if self._cache is not None:
+            self._cache[index] = item
+        return dict(item)
+
+    def _load(self, index: int) -> dict:
         row = self.rows[index]
         latents = load_latent(row.latent_path).float()  # (C, t, h, w)
         expected = self.shape_key(index)[1:]

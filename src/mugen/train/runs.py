@@ -66,6 +66,7 @@ class DiTRunSpec:
     device: str = "cpu"
     vae_dir: str | None = None  # recorded for `mugen generate`
     text_encoder: str = "minilm"  # recorded for `mugen generate`; must be what made the features
+    cache_in_memory: bool = False  # keep loaded samples in RAM (small datasets)
 
 
 def train_dit(spec: DiTRunSpec, resume: bool = True) -> list[dict]:
@@ -76,7 +77,7 @@ def train_dit(spec: DiTRunSpec, resume: bool = True) -> list[dict]:
     from mugen.models.text.base import TextFeatures, load_text_features
 
     manifest = Path(spec.manifest)
-    dataset = LatentTextDataset(manifest)
+    dataset = LatentTextDataset(manifest, cache_in_memory=spec.cache_in_memory)
     if len(dataset) == 0:
         raise MugenError(f"manifest {manifest} lists no samples; run `mugen encode` first")
     first = dataset[0]
