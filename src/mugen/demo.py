@@ -37,7 +37,7 @@ class DemoConfig:
     vae_preset: str = "tiny"
     vae_real_clips: int = 48
     vae_procedural_clips: int = 48
-    vae_steps: int = 600
+    vae_steps: int = 1800
     vae_batch_size: int = 8
     vae_lr: float = 1e-3
     vae_train_crop: int = 32  # train on random 32x32 crops (4x cheaper); evaluate on full frames
@@ -45,7 +45,7 @@ class DemoConfig:
     # DiT
     seeds_per_spec: int = 3  # procedural training clips per (shape, colour, direction)
     dit_overrides: dict = field(default_factory=dict)
-    dit_steps: int = 3000
+    dit_steps: int = 5000
     dit_batch_size: int = 16
     dit_lr: float = 1e-3
     first_frame_cond_prob: float = 0.3
