@@ -84,3 +84,13 @@ def test_batched_prompts_with_one_image(pipeline):
 def test_bad_requests_are_user_errors(pipeline, kwargs, message):
     with pytest.raises(MugenError, match=message):
         pipeline(**{"height": 32, "width": 32, "num_frames": 9, "num_inference_steps": 1, **kwargs})
+
+
+def test_negative_prompt_steers_only_under_guidance(pipeline):
+    args = dict(prompt="a red circle", num_frames=9, height=32, width=32, num_inference_steps=2)
+    plain = pipeline(**args, guidance_scale=3.0, generator=torch.Generator().manual_seed(3))
+    negative = pipeline(**args, negative_prompt="blurry dark", guidance_scale=3.0, generator=torch.Generator().manual_seed(3))
+    assert not torch.equal(plain.latents, negative.latents)
+    off = pipeline(**args, guidance_scale=1.0, generator=torch.Generator().manual_seed(3))
+    off_negative = pipeline(**args, negative_prompt="blurry dark", guidance_scale=1.0, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(off.latents, off_negative.latents)
