@@ -101,3 +101,22 @@ def test_module_entry_point_reports_errors_without_traceback(tmp_path):
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "does not exist" in result.stderr
+
+
+@pytest.mark.parametrize("extra,expected", [(["--num-frames", "12"], "1 + 8k"), (["--size", "40"], "divisible by 16")])
+def test_encode_bad_settings_write_nothing(trained_chain, tmp_path, capsys, extra, expected):
+    out = tmp_path / "enc"
+    code, _, err = run_cli(["encode", "--input", trained_chain / "clips", "--vae", trained_chain / "vae" / "vae", "--output", out, "--device", "cpu", *extra], capsys)
+    assert code == 2 and expected in err
+    assert not out.exists()
+
+
+def test_encode_with_every_input_rejected_leaves_no_output(trained_chain, tmp_path, capsys):
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    (clips / "bad.mp4").write_bytes(b"garbage" * 100)
+    (clips / "bad.txt").write_text("a caption")
+    out = tmp_path / "enc"
+    code, _, err = run_cli(["encode", "--input", clips, "--vae", trained_chain / "vae" / "vae", "--output", out, "--device", "cpu"], capsys)
+    assert code == 2 and "nothing was encoded" in err
+    assert not out.exists()

@@ -29,17 +29,28 @@ def run(args) -> int:
     from mugen.models.text.base import build_text_encoder
     from mugen.models.vae.model import VideoVAE
 
+    from mugen.models.vae.frames import latent_frames_for
+
     output = Path(args.output)
-    if output.exists() and any(output.iterdir()):
-        if not args.overwrite:
-            raise MugenError(f"output {output} exists and is not empty; pass --overwrite or choose another folder")
-        shutil.rmtree(output)
+    if output.exists() and any(output.iterdir()) and not args.overwrite:
+        raise MugenError(f"output {output} exists and is not empty; pass --overwrite or choose another folder")
+    # Check everything that can be checked before anything is written.
+    latent_frames_for(args.num_frames, "--num-frames")
+    height, width = args.size
+    if height % 16 or width % 16:
+        raise MugenError(f"--size {height}x{width} is not divisible by 16 (8x VAE, 2x2 patches); use e.g. {max(16, height // 16 * 16)}x{max(16, width // 16 * 16)}")
     device = resolve_device(args.device)
     sources = list_sources(args.input)
     vae = VideoVAE.from_pretrained(args.vae, device=device)
     text_encoder = build_text_encoder(args.text_encoder, device=device)
+    if output.exists():
+        shutil.rmtree(output)
     rejections: list[dict] = []
     samples = clips_from_sources(sources, args.num_frames, args.size, args.clips_per_video, args.frame_stride, rejections)
-    manifest = encode_samples(samples, vae, text_encoder, output, device=device, rejections=rejections)
+    try:
+        manifest = encode_samples(samples, vae, text_encoder, output, device=device, rejections=rejections)
+    except BaseException:
+        shutil.rmtree(output, ignore_errors=True)  # no half-written dataset is left behind
+        raise
     print(f"wrote {manifest} ({len(rejections)} inputs skipped, see {output / 'rejections.jsonl'})")
     return 0
