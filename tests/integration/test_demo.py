@@ -19,6 +19,8 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path):
     assert set(results["timings_s"]) == {"vae_train", "vae_eval", "encode", "dit_train", "generate", "evaluate"}
     assert results["t2v_adherence"]["num_samples"] == 2 and results["ti2v_adherence"]["num_samples"] == 1
     assert results["vae"]["heldout_real_psnr_db"] > 0
+    row = results["t2v_rows"][0]
+    assert set(row["detected"]) == {"colour", "shape", "direction"} and row["prompt"].startswith("a ")
     text = report.read_text()
     for image in ("vae_run/loss_curve.png", "dit_run/loss_curve.png", "samples/t2v_00.png", "samples/i2v_00.png", "samples/ti2v_00.png"):
         assert image in text and (tmp_path / image).is_file()
