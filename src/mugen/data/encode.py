@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from mugen.data.datasets import save_latent
 from mugen.data.manifest import ManifestRow, write_manifest
+from mugen.atomic import write_text_atomically
 from mugen.errors import MugenError
 from mugen.models.text.base import TextEncoder, save_text_features
 from mugen.models.vae.frames import encode_clip, latent_frames_for
@@ -191,6 +192,4 @@ def encode_samples(
 
 
 def _write_rejections(path: Path, rejections: list[dict]) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text("".join(json.dumps(r) + "\n" for r in rejections), encoding="utf-8")
-    os.replace(temporary, path)
+    write_text_atomically(path, "".join(json.dumps(r) + "\n" for r in rejections))

@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from mugen import __version__
+from mugen.atomic import write_text_atomically
 from mugen.errors import MugenError
 
 MODEL_FILE = "model.safetensors"
@@ -185,19 +186,6 @@ def _fsync(path: Path) -> None:
         os.close(descriptor)
 
 
-def _write_text_atomically(path: Path, text: str) -> None:
-    descriptor, temp_name = tempfile.mkstemp(prefix=_TMP_PREFIX + path.name + "-", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(
     output_dir: str | os.PathLike,
     step: int,
@@ -242,7 +230,7 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(temp_dir, ignore_errors=True)
         raise
-    _write_text_atomically(root / LATEST_FILE, final_dir.name + "\n")
+    write_text_atomically(root / LATEST_FILE, final_dir.name + "\n", durable=True)
     if keep_checkpoints > 0:
         prune_checkpoints(output_dir, keep_checkpoints)
     return final_dir

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from mugen.atomic import write_text_atomically
 from mugen.errors import MugenError
 from mugen.models.dit.model import MUGDiT, MUGDiTConfig
 from mugen.train.checkpoint import MODEL_FILE, latest_checkpoint, load_model_weights
@@ -27,11 +28,7 @@ RUN_CONFIG_FILE = "model_config.json"
 def write_run_config(run_dir: str | os.PathLike, record: dict) -> Path:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / RUN_CONFIG_FILE
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
-    return path
+    return write_text_atomically(run_dir / RUN_CONFIG_FILE, json.dumps(record, indent=2) + "\n")
 
 
 def resolve_dit_checkpoint(path: str | os.PathLike) -> tuple[dict, Path]:

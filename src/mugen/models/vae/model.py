@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -27,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from mugen.atomic import write_atomically
 from mugen.errors import MugenError
 from mugen.models.vae.distributions import DiagonalGaussian
 from mugen.models.vae.presets import VideoVAEConfig
@@ -452,12 +452,12 @@ class VideoVAE(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = {"_class_name": type(self).__name__, **asdict(self.config)}
-        _atomic_write(
+        write_atomically(
             directory / CONFIG_NAME,
             lambda path: path.write_text(json.dumps(config, indent=2) + "\n"),
         )
         tensors = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
-        _atomic_write(
+        write_atomically(
             directory / WEIGHTS_NAME,
             lambda path: save_file(tensors, str(path), metadata={"format": "pt"}),
         )
@@ -505,19 +505,6 @@ class VideoVAE(nn.Module):
             )
         model.load_state_dict(state, strict=True)
         return model.to(device).eval()
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Call `write(tmp_path)` on a temporary file beside `path`, then rename it into place."""
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    tmp_path = Path(tmp_name)
-    try:
-        write(tmp_path)
-        os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
 
 
 def _read_config(config_path: Path) -> VideoVAEConfig:
