@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,3 +120,22 @@ def test_encode_with_every_input_rejected_leaves_no_output(trained_chain, tmp_pa
     code, _, err = run_cli(["encode", "--input", clips, "--vae", trained_chain / "vae" / "vae", "--output", out, "--device", "cpu"], capsys)
     assert code == 2 and "nothing was encoded" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("config", ["dit_debug.json"])
+def test_shipped_training_config_drives_mugen_train(trained_chain, tmp_path, capsys, config):
+    shipped = Path(__file__).resolve().parents[2] / "configs" / config
+    out = tmp_path / "run"
+    code, _, err = run_cli(["train", "dit", "--manifest", trained_chain / "enc" / "manifest.parquet", "--config", shipped, "--steps", "101", "--batch-size", "2", "--output", out, "--device", "cpu"], capsys)
+    assert code == 0, err
+    record = json.loads((out / "model_config.json").read_text())
+    assert record["dit"]["depth"] == 3 and record["shift_base_resolution"] == 4096
+    assert (out / "checkpoints" / "step_00000101" / "model.safetensors").is_file()
+
+
+def test_config_with_an_unknown_key_is_named(trained_chain, tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"train": {"stepz": 3}}))
+    code, _, err = run_cli(["train", "dit", "--manifest", trained_chain / "enc" / "manifest.parquet", "--config", bad, "--output", tmp_path / "r"], capsys)
+    assert code == 2 and "stepz" in err
+    assert not (tmp_path / "r").exists()
