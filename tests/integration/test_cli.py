@@ -29,6 +29,11 @@ def trained_chain(tmp_path_factory):
         spec = ProceduralSpec(shape, colour, direction)
         write_video(clips / f"clip{index}.mp4", render_procedural_clip(spec, 17, 32, 32, seed=index), fps=8)
         (clips / f"clip{index}.txt").write_text(spec.caption())
+    from PIL import Image
+
+    still = render_procedural_clip(ProceduralSpec("square", "yellow", "down"), 1, 32, 32, seed=7)[:, 0]
+    Image.fromarray(((still.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()).save(clips / "still.png")
+    (clips / "still.txt").write_text("a yellow square on a dark background")
     (clips / "broken.mp4").write_bytes(b"\x00not a video at all" * 50)
     (clips / "broken.txt").write_text("a broken file")
     assert main(["train", "vae", "--data", str(clips), "--num-frames", "8", "--size", "32", "--clips", "4", "--steps", "3", "--batch-size", "2", "--output", str(root / "vae"), "--device", "cpu"]) == 0
@@ -41,8 +46,11 @@ def test_encode_skips_the_corrupt_video_and_records_why(trained_chain):
     from mugen.data.manifest import read_manifest
 
     rows = read_manifest(trained_chain / "enc" / "manifest.parquet")
-    assert sorted(r.sample_id for r in rows) == ["clip0-000", "clip1-000", "clip2-000"]
-    assert all(r.latent_frames == 3 and r.latent_height == 4 for r in rows)
+    assert sorted(r.sample_id for r in rows) == ["clip0-000", "clip1-000", "clip2-000", "still"]
+    videos = [r for r in rows if r.kind == "video"]
+    assert len(videos) == 3 and all(r.latent_frames == 3 and r.latent_height == 4 for r in videos)
+    (image,) = [r for r in rows if r.kind == "image"]
+    assert image.latent_frames == 1 and image.num_frames == 1  # images and videos train together
     rejections = [json.loads(line) for line in (trained_chain / "enc" / "rejections.jsonl").read_text().splitlines()]
     assert len(rejections) == 1 and "broken.mp4" in rejections[0]["source"]
 
