@@ -274,14 +274,17 @@ class MUGDiT(nn.Module):
         if fps is None:
             fps = torch.full((batch,), cfg.default_fps, device=latents.device)
         fps_emb = self.fps_embedder(fps.reshape(batch))
-        t_emb = self.t_embedder(timestep.reshape(batch)) + fps_emb  # (B, d)
+        # The release rounds t to the weights' dtype before embedding (bf16: 937.3 -> 936); do the same
+        # so bf16 weights give its numbers. A no-op for fp32 weights (mixed-precision training).
+        timestep = timestep.reshape(batch).to(dtype)
+        t_emb = self.t_embedder(timestep) + fps_emb  # (B, d)
         t_mod = self.t_block(t_emb)  # (B, 6d)
 
         clean_tokens = t0_emb = t0_mod = None
         if frame_cond_mask is not None and bool(frame_cond_mask.any()):
             if frame_cond_mask.shape != (batch, frames):
                 raise ValueError(f"frame_cond_mask has shape {tuple(frame_cond_mask.shape)}, expected {(batch, frames)}")
-            t0_emb = self.t_embedder(torch.zeros_like(timestep.reshape(batch))) + fps_emb
+            t0_emb = self.t_embedder(torch.zeros_like(timestep)) + fps_emb
             t0_mod = self.t_block(t0_emb)
             frame_clean = frame_cond_mask.to(latents.device, torch.bool)
             if grid_t * cfg.patch_size[0] != frames:
