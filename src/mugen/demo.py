@@ -37,15 +37,17 @@ class DemoConfig:
     vae_preset: str = "tiny"
     vae_real_clips: int = 48
     vae_procedural_clips: int = 48
-    vae_steps: int = 1800
-    vae_batch_size: int = 8
+    vae_steps: int = 1000
+    vae_batch_size: int = 4
     vae_lr: float = 1e-3
-    vae_train_crop: int = 32  # train on random 32x32 crops (4x cheaper); evaluate on full frames
+    # 0 = full frames. Random 32x32 crops are 4x cheaper per sample but often miss the shape: on the
+    # H100 demo the VAE round-trip colour accuracy rose from 56% to 88% with full frames.
+    vae_train_crop: int = 0
     heldout_clips: int = 8
     # DiT
     seeds_per_spec: int = 3  # procedural training clips per (shape, colour, direction)
     dit_overrides: dict = field(default_factory=dict)
-    dit_steps: int = 5000
+    dit_steps: int = 4000
     dit_batch_size: int = 16
     dit_lr: float = 1e-3
     first_frame_cond_prob: float = 0.3
@@ -71,7 +73,6 @@ DEMO_PRESETS = {
         vae_steps=2000,
         vae_batch_size=32,
         vae_lr=1e-3,
-        vae_train_crop=0,  # full frames: on a GPU they cost no more steps, and every crop holds the shape
         heldout_clips=16,
         seeds_per_spec=24,
         dit_overrides={"hidden_size": 384, "depth": 8, "num_heads": 4},
