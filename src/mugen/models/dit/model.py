@@ -12,7 +12,9 @@ Global signals (seed §3.2 "Global signal embedding", adaLN-single): sinusoidal 
 embeddings through MLPs, summed, one shared ``SiLU -> Linear(d, 6d)``, plus each block's own
 learnable ``[6, d]`` table.
 Frame conditioning (seed §3.2 "Image/frame conditioning"): tokens of conditioned frames hold clean
-latents and take the t = 0 modulation; everything else takes the sample's t.
+latents and take the t = 0 modulation; everything else takes the sample's t, except the start and end
+tokens, which always take the t = 0 modulation, as in the release (its forward always receives a
+frame mask, all-noisy for text-to-video, and gives the two boundary tokens t = 0).
 
 Parameter names and shapes follow the released ``dit.pt`` so it loads strictly into the 10B preset.
 """
@@ -112,18 +114,25 @@ class CrossAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
 
 
-def select_modulation(table: Tensor, t_mod: Tensor, t0_mod: Tensor | None, clean_tokens: Tensor | None, count: int):
-    """Per-token adaLN parameters.
+def select_modulation(table: Tensor, t_mod: Tensor, t0_mod: Tensor, clean_tokens: Tensor | None, count: int):
+    """adaLN parameters for the sample's t and for t = 0.
 
-    table: (count, d) learnable; t_mod, t0_mod: (B, count * d). clean_tokens: (B, N, 1) bool or None.
-    Returns ``count`` tensors, each (B, 1, d) without conditioning or (B, N, d) with it.
+    table: (count, d) learnable; t_mod, t0_mod: (B, count * d); clean_tokens: (B, N, 1) bool or None.
+    Returns (params, params_clean): ``count`` tensors each. Without clean tokens both are (B, 1, d)
+    (the caller fixes the two boundary tokens itself); with them, ``params`` is per token (B, N, d),
+    t = 0 where ``clean_tokens`` is set, and ``params_clean`` is unused.
     """
     batch = t_mod.shape[0]
     params = (table[None] + t_mod.view(batch, count, -1)).chunk(count, dim=1)  # each (B, 1, d)
-    if clean_tokens is None:
-        return params
     params_clean = (table[None] + t0_mod.view(batch, count, -1)).chunk(count, dim=1)
-    return tuple(torch.where(clean_tokens, p0, p) for p, p0 in zip(params, params_clean))
+    if clean_tokens is None:
+        return params, params_clean
+    return tuple(torch.where(clean_tokens, p0, p) for p, p0 in zip(params, params_clean)), params_clean
+
+
+def boundary(x: Tensor) -> Tensor:
+    """View of the start and end tokens, (B, 2, d), of a (B, N + 2, d) sequence."""
+    return x[:, :: x.shape[1] - 1]
 
 
 class MUGDiTBlock(nn.Module):
@@ -142,17 +151,34 @@ class MUGDiTBlock(nn.Module):
         text: Tensor,  # (B, L, d)
         text_attn_mask: Tensor | None,  # (B, 1, 1, L) bool
         t_mod: Tensor,  # (B, 6d)
-        t0_mod: Tensor | None,  # (B, 6d), the t = 0 modulation for conditioned frames
-        clean_tokens: Tensor | None,  # (B, N + 2, 1) bool
+        t0_mod: Tensor,  # (B, 6d), the t = 0 modulation (conditioned frames, start/end tokens)
+        clean_tokens: Tensor | None,  # (B, N + 2, 1) bool, or None when no frame is conditioned
         rope: Tensor,  # (B, 1, N + 2, hd / 2) complex rotations
     ) -> Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = select_modulation(
-            self.scale_shift_table, t_mod, t0_mod, clean_tokens, 6
-        )
-        x = x + gate_msa * self.attn(modulate(self.norm(x), shift_msa, scale_msa), rope)
+        params, params_clean = select_modulation(self.scale_shift_table, t_mod, t0_mod, clean_tokens, 6)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = params
+        fix = clean_tokens is None  # broadcast parameters: give the two boundary tokens t = 0 in place
+        shift0_msa, scale0_msa, gate0_msa, shift0_mlp, scale0_mlp, gate0_mlp = params_clean
+
+        normed = self.norm(x)
+        h = modulate(normed, shift_msa, scale_msa)
+        if fix:  # in place on 2 tokens: autograd-safe (add/mul keep their inputs, not outputs)
+            boundary(h).copy_(modulate(boundary(normed), shift0_msa, scale0_msa))
+        y = self.attn(h, rope)
+        gated = gate_msa * y
+        if fix:
+            boundary(gated).copy_(gate0_msa * boundary(y))
+        x = x + gated
         x = x + self.cross_attn(self.cross_attn_norm(x), text, text_attn_mask)
-        x = x + gate_mlp * self.mlp(modulate(self.norm(x), shift_mlp, scale_mlp))
-        return x
+        normed = self.norm(x)
+        h = modulate(normed, shift_mlp, scale_mlp)
+        if fix:
+            boundary(h).copy_(modulate(boundary(normed), shift0_mlp, scale0_mlp))
+        y = self.mlp(h)
+        gated = gate_mlp * y
+        if fix:
+            boundary(gated).copy_(gate0_mlp * boundary(y))
+        return x + gated
 
 
 class TextEmbedder(nn.Module):
@@ -184,8 +210,9 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden_size, patch_volume * output_channels)
         self.scale_shift_table = nn.Parameter(torch.randn(2, hidden_size) / hidden_size**0.5)
 
-    def forward(self, x: Tensor, t_emb: Tensor, t0_emb: Tensor | None, clean_tokens: Tensor | None) -> Tensor:
-        shift, scale = select_modulation(self.scale_shift_table, t_emb.repeat(1, 2), None if t0_emb is None else t0_emb.repeat(1, 2), clean_tokens, 2)
+    def forward(self, x: Tensor, t_emb: Tensor, t0_emb: Tensor, clean_tokens: Tensor | None) -> Tensor:
+        # t_emb (B, d) is used as is (not through t_block), twice: [shift, scale] = table + [t, t].
+        (shift, scale), _ = select_modulation(self.scale_shift_table, t_emb.repeat(1, 2), t0_emb.repeat(1, 2), clean_tokens, 2)
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
@@ -280,20 +307,20 @@ class MUGDiT(nn.Module):
         t_emb = self.t_embedder(timestep) + fps_emb  # (B, d)
         t_mod = self.t_block(t_emb)  # (B, 6d)
 
-        clean_tokens = t0_emb = t0_mod = None
+        # The release always embeds t = 0 too: conditioned frames and the start/end tokens use it.
+        t0_emb = self.t_embedder(torch.zeros_like(timestep)) + fps_emb
+        t0_mod = self.t_block(t0_emb)  # (B, 6d)
+        clean_tokens = None
         if frame_cond_mask is not None and bool(frame_cond_mask.any()):
             if frame_cond_mask.shape != (batch, frames):
                 raise ValueError(f"frame_cond_mask has shape {tuple(frame_cond_mask.shape)}, expected {(batch, frames)}")
-            t0_emb = self.t_embedder(torch.zeros_like(timestep)) + fps_emb
-            t0_mod = self.t_block(t0_emb)
             frame_clean = frame_cond_mask.to(latents.device, torch.bool)
             if grid_t * cfg.patch_size[0] != frames:
                 frame_clean = F.pad(frame_clean, (0, grid_t * cfg.patch_size[0] - frames))
             frame_clean = frame_clean[:, :: cfg.patch_size[0]]  # (B, T') per token frame
             video_clean = frame_clean[:, :, None].expand(batch, grid_t, grid_h * grid_w).reshape(batch, -1)
-            # The start/end tokens of a conditioned sample take the t = 0 modulation, as in the release.
-            sample_clean = frame_clean.any(dim=1, keepdim=True)  # (B, 1)
-            clean_tokens = torch.cat([sample_clean, video_clean, sample_clean], dim=1)[..., None]  # (B, N+2, 1)
+            edge = torch.ones(batch, 1, dtype=torch.bool, device=latents.device)  # start/end: always t = 0
+            clean_tokens = torch.cat([edge, video_clean, edge], dim=1)[..., None]  # (B, N+2, 1)
 
         # Text (seed §3.2 normalisations); padded tokens are masked out of cross-attention.
         text = self.y_embedder(text_states.to(dtype))  # (B, L, d)

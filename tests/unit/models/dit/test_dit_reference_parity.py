@@ -11,12 +11,9 @@ Conventions translated from the reference: ``x_mask`` (True = noisy frame) -> ``
 ~x_mask`` (True = clean conditioned frame); ``mask`` -> ``text_mask``; ``frame_indice`` ->
 ``frame_indices``; ``y`` -> ``text_states``; ``x`` -> ``latents``.
 
-Known difference (the ``t2v`` case): the reference's forward only runs with ``x_mask`` (the
-official sampler always passes one), and then gives the start and end tokens the t = 0 modulation
-for every sample. mugen gives them the t = 0 modulation only in a sample with at least one
-conditioned frame. The two agree whenever every sample of the batch has a conditioned frame
-(cases ``i2v`` and ``odd_size_frame_indices``); with all frames noisy they differ, so ``t2v`` is a
-strict expected failure until mugen adopts the release's rule (then the mark must go).
+Start and end tokens: the reference's forward only runs with ``x_mask`` (the official sampler always
+passes one, all-noisy for text-to-video) and then gives the start and end tokens the t = 0 modulation.
+mugen adopts that rule for every call, so the ``t2v`` case (all frames noisy) matches too.
 """
 
 import json
@@ -31,15 +28,7 @@ from mugen.models.dit import MUGDiT, MUGDiTConfig
 FIXTURES = Path(__file__).resolve().parents[3] / "fixtures" / "reference_dit"
 RECORD = json.loads((FIXTURES / "reference_dit.json").read_text(encoding="utf-8"))
 
-START_END_DIFFERENCE = pytest.mark.xfail(
-    strict=True,
-    reason="reference: start/end tokens always take the t = 0 modulation once x_mask is passed; mugen: only "
-    "in samples with a conditioned frame (model.py, 'sample_clean = frame_clean.any(...)')",
-)
-CASES = [
-    pytest.param(case["name"], marks=START_END_DIFFERENCE if case["name"] == "t2v" else ())
-    for case in RECORD["cases"]
-]
+CASES = [case["name"] for case in RECORD["cases"]]
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
