@@ -26,6 +26,7 @@ from mugen.atomic import write_atomically
 from mugen.errors import MugenError
 from mugen.models.dit.model import MUGDiT, MUGDiTConfig
 from mugen.models.dit.presets import DIT_PRESETS
+from mugen.train.checkpoint import state_dict_differences
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -161,14 +162,7 @@ def read_official_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
 
 def check_state_dict_fits(state_dict: dict[str, Tensor], model: MUGDiT, source: str) -> None:
     """Raise MugenError naming ``source`` unless every name and shape matches ``model`` both ways."""
-    expected = model.state_dict()
-    missing = [name for name in expected if name not in state_dict]
-    unexpected = [name for name in state_dict if name not in expected]
-    mismatched = [
-        f"{name} file {tuple(state_dict[name].shape)} vs model {tuple(expected[name].shape)}"
-        for name in expected
-        if name in state_dict and state_dict[name].shape != expected[name].shape
-    ]
+    missing, unexpected, mismatched = state_dict_differences(state_dict, model.state_dict())
     if not (missing or unexpected or mismatched):
         return
     problems = []
