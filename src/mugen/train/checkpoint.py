@@ -104,12 +104,14 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
     return state
 
 
-def state_dict_differences(saved: dict[str, Tensor], expected: dict[str, Tensor]) -> tuple[list[str], list[str], list[str]]:
-    """(missing names, unexpected names, "name saved (shape) vs model (shape)" for shape mismatches)."""
+def state_dict_differences(
+    saved: dict[str, Tensor], expected: dict[str, Tensor], label: str = "saved"
+) -> tuple[list[str], list[str], list[str]]:
+    """(missing names, unexpected names, "name <label> (shape) vs model (shape)" for shape mismatches)."""
     missing = [name for name in expected if name not in saved]
     unexpected = [name for name in saved if name not in expected]
     mismatched = [
-        f"{name} saved {tuple(saved[name].shape)} vs model {tuple(expected[name].shape)}"
+        f"{name} {label} {tuple(saved[name].shape)} vs model {tuple(expected[name].shape)}"
         for name in expected
         if name in saved and saved[name].shape != expected[name].shape
     ]
@@ -131,7 +133,8 @@ def load_model_weights(model: nn.Module, path: str | os.PathLike, strict: bool =
     except Exception as error:  # safetensors raises its own error types for damaged files
         raise MugenError(f"load_model_weights: cannot read {path} ({error}); the file is damaged or not safetensors") from error
 
-    missing, unexpected, mismatched = state_dict_differences(saved, model.state_dict())
+    expected = model.state_dict()
+    missing, unexpected, mismatched = state_dict_differences(saved, expected)
     if mismatched:
         raise MugenError(
             f"load_model_weights: {len(mismatched)} tensors in {path} have other shapes than the model "

@@ -162,7 +162,7 @@ def read_official_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
 
 def check_state_dict_fits(state_dict: dict[str, Tensor], model: MUGDiT, source: str) -> None:
     """Raise MugenError naming ``source`` unless every name and shape matches ``model`` both ways."""
-    missing, unexpected, mismatched = state_dict_differences(state_dict, model.state_dict())
+    missing, unexpected, mismatched = state_dict_differences(state_dict, model.state_dict(), label="file")
     if not (missing or unexpected or mismatched):
         return
     problems = []
