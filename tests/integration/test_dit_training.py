@@ -79,6 +79,7 @@ def test_loss_falls_below_the_best_text_blind_linear_predictor(tmp_path):
     last = sum(r["loss"] for r in history[-50:]) / 50
     baseline = best_text_blind_linear_loss(resolution_shift_ratio(32, 32, 3))
     assert first > 1.8
+    print(f"first {first:.3f} last {last:.3f} baseline {baseline:.3f}")
     assert last < baseline - 0.1, (first, last, baseline)
 
 
