@@ -231,7 +231,12 @@ def expand_checkpoint(
     from safetensors.torch import save_file
 
     from mugen.atomic import write_atomically
-    from mugen.models.dit.io import RUN_CONFIG_FILE, load_dit, resolve_dit_checkpoint, write_run_config
+    from mugen.models.dit.io import (
+        RUN_CONFIG_FILE,
+        load_dit,
+        resolve_dit_checkpoint,
+        write_run_config,
+    )
     from mugen.models.dit.official import matching_preset
     from mugen.train.checkpoint import MODEL_FILE
 
