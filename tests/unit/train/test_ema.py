@@ -5,7 +5,7 @@ from torch import nn
 from mugen.data.sampling import ShapeBucketBatchSampler
 from mugen.errors import MugenError
 from mugen.train.ema import EMA, warmup_decay
-from mugen.train.trainer import LossOutput, Trainer, TrainConfig
+from mugen.train.trainer import LossOutput, TrainConfig, Trainer
 
 
 class LinearWithCounter(nn.Module):
@@ -37,8 +37,8 @@ def test_update_follows_the_recurrence_for_three_steps():
         ema.update(model)
         for name, parameter in model.named_parameters():
             expected[name] = 0.9 * expected[name] + 0.1 * parameter.detach()
-    for name in expected:
-        torch.testing.assert_close(ema.shadow[name], expected[name], rtol=1e-6, atol=1e-6)
+    for name, value in expected.items():
+        torch.testing.assert_close(ema.shadow[name], value, rtol=1e-6, atol=1e-6)
     assert torch.equal(ema.shadow["scale"], model.scale) and ema.shadow["scale"][0] == 8.0
     assert ema.shadow["calls"].item() == 3
     assert ema.updates == 3
