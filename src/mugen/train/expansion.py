@@ -49,6 +49,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from mugen.errors import MugenError
+from mugen.train.checkpoint import state_dict_differences
 from mugen.models.dit.model import MUGDiT, MUGDiTConfig
 
 DEFAULT_PERTURBATION = 1e-4  # noise std relative to each original weight's std
@@ -179,8 +180,7 @@ def expand_dit_state_dict(
     with torch.device("meta"):
         expected_new = MUGDiT(new_config).state_dict()
         expected_old = MUGDiT(config).state_dict()
-    missing = sorted(set(expected_old) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected_old))
+    missing, unexpected, _ = state_dict_differences(state_dict, expected_old)  # shapes: checked per tensor below
     if missing or unexpected:
         raise MugenError(
             f"state dict does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}; "

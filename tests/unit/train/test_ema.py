@@ -1,11 +1,12 @@
 import pytest
 import torch
+from regression_data import RegressionDataset, RegressionTask, stack_collate
 from torch import nn
 
 from mugen.data.sampling import ShapeBucketBatchSampler
 from mugen.errors import MugenError
 from mugen.train.ema import EMA, warmup_decay
-from mugen.train.trainer import LossOutput, TrainConfig, Trainer
+from mugen.train.trainer import TrainConfig, Trainer
 
 
 class LinearWithCounter(nn.Module):
@@ -90,34 +91,11 @@ def test_mismatched_model_and_bad_decay_fail_clearly():
 
 
 # ------------------------------------------------------------------------- Trainer integration
-class RegressionDataset(torch.utils.data.Dataset):
-    def __init__(self, count=32):
-        generator = torch.Generator().manual_seed(0)
-        self.x = torch.randn(count, 4, generator=generator)
-        self.y = self.x @ torch.randn(4, 2, generator=generator) + 0.1 * torch.randn(count, 2, generator=generator)
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, index):
-        return {"x": self.x[index], "y": self.y[index]}
-
-
-def stack_collate(items):
-    return {key: torch.stack([item[key] for item in items]) for key in items[0]}
-
-
-class RegressionTask:
-    def compute_loss(self, model, batch, generator):
-        per_sample = ((model(batch["x"]) - batch["y"]) ** 2).mean(dim=1)  # (B,)
-        return LossOutput(per_sample.mean(), per_sample.detach())
-
-
 def train_with_ema(output_dir, steps):
     torch.manual_seed(0)
     model = nn.Linear(4, 2)
     ema = EMA(model, decay=0.8)
-    dataset = RegressionDataset()
+    dataset = RegressionDataset(count=32, in_features=4, out_features=2, bias=0.0)
     sampler = ShapeBucketBatchSampler([()] * len(dataset), batch_size=8)
     config = TrainConfig(steps=steps, lr=1e-2, decay="constant", log_every=4, checkpoint_every=0)
     trainer = Trainer(

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from regression_data import RegressionDataset, RegressionTask, stack_collate
 from torch import nn
 
 from mugen.data.sampling import ShapeBucketBatchSampler
@@ -10,7 +11,7 @@ from mugen.errors import MugenError
 from mugen.train.checkpoint import latest_checkpoint
 from mugen.train.lr_schedule import build_lr_lambda
 from mugen.train.metrics_log import timestep_bin_sums
-from mugen.train.trainer import LossOutput, Trainer, TrainConfig, micro_batch_seed
+from mugen.train.trainer import LossOutput, TrainConfig, Trainer, micro_batch_seed
 
 
 # --------------------------------------------------------------------------- a toy flow problem
@@ -172,32 +173,6 @@ def test_extra_state_is_checkpointed_and_on_step_end_runs_after_applied_steps(tm
 
 
 # ---------------------------------------------------------------------------------- learning
-class RegressionDataset(torch.utils.data.Dataset):
-    """y = x W + b + noise with noise std 0.1: the best achievable mean squared error is 0.01."""
-
-    def __init__(self, count=64):
-        generator = torch.Generator().manual_seed(0)
-        self.x = torch.randn(count, 8, generator=generator)
-        weight = torch.randn(8, 4, generator=generator)
-        self.y = self.x @ weight + 0.5 + 0.1 * torch.randn(count, 4, generator=generator)
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, index):
-        return {"x": self.x[index], "y": self.y[index]}
-
-
-def stack_collate(items):
-    return {key: torch.stack([item[key] for item in items]) for key in items[0]}
-
-
-class RegressionTask:
-    def compute_loss(self, model, batch, generator):
-        per_sample = ((model(batch["x"]) - batch["y"]) ** 2).mean(dim=1)  # (B,)
-        return LossOutput(per_sample.mean(), per_sample.detach())
-
-
 def test_learning_drives_the_loss_to_the_noise_floor(tmp_path):
     torch.manual_seed(0)
     dataset = RegressionDataset()
