@@ -67,6 +67,29 @@ class DiTRunSpec:
     vae_dir: str | None = None  # recorded for `mugen generate`
     text_encoder: str = "minilm"  # recorded for `mugen generate`; must be what made the features
     cache_in_memory: bool = False  # keep loaded samples in RAM (small datasets)
+    # Start from these weights (a run folder, step folder or `mugen expand` output) with a fresh
+    # optimizer, e.g. after parameter expansion (seed §4.2.1) or for SFT on a pre-trained model.
+    # Ignored when the output folder already holds a checkpoint (the run resumes from it instead).
+    init_from: str | None = None
+
+
+def initialise_from(model, checkpoint: str | os.PathLike) -> dict:
+    """Load the weights of ``checkpoint`` into ``model`` (config must match); returns the source's record."""
+    from mugen.models.dit.io import resolve_dit_checkpoint
+    from mugen.models.dit.model import MUGDiTConfig
+    from mugen.train.checkpoint import load_model_weights
+
+    record, weights = resolve_dit_checkpoint(checkpoint)
+    source = MUGDiTConfig.from_dict(record["dit"])
+    if source != model.config:
+        differing = sorted(k for k, v in source.to_dict().items() if model.config.to_dict().get(k) != v)
+        raise MugenError(
+            f"--init-from {checkpoint}: its model config differs from this run's in {differing}; "
+            "train with the same preset/overrides (after `mugen expand`, use the expanded folder's preset)"
+        )
+    load_model_weights(model, weights)
+    log.info("initialised from %s", weights)
+    return record
 
 
 def train_dit(spec: DiTRunSpec, resume: bool = True) -> list[dict]:
@@ -104,6 +127,8 @@ def train_dit(spec: DiTRunSpec, resume: bool = True) -> list[dict]:
     torch.manual_seed(spec.train.seed)
     model = MUGDiT(config)
     log.info("MUG-DiT %s: %.2fM parameters", spec.preset, model.num_parameters / 1e6)
+    if spec.init_from:
+        initialise_from(model, spec.init_from)
     keys = dataset.shape_keys()
     per_key = None
     if spec.image_batch_size:
@@ -151,3 +176,63 @@ def train_vae(spec: VAERunSpec, resume: bool = True):
     export_dir = Path(spec.output_dir) / "vae"
     model.to("cpu").save_pretrained(export_dir)
     return history, export_dir
+
+
+@dataclass
+class PreferenceRunSpec:
+    """Flow-DPO or Flow-KTO fine-tuning of a trained MUG-DiT (seed §4.2.3).
+
+    The policy starts from ``policy`` (a `mugen train dit` run folder); the frozen reference is the
+    same weights unless ``reference`` names another run. Batches of the annotation sources in the
+    data are interleaved by ``source_ratios`` (default: equal). A multi-stage schedule is a chain of
+    such runs, each starting from (and referencing) the previous stage's output.
+    """
+
+    policy: str
+    output_dir: str
+    kind: str = "dpo"  # "dpo" (better/worse pairs) or "kto" (pass/fail labels)
+    manifest: str | None = None  # preference.parquet (mugen.train.preference_data); or pass a dataset
+    reference: str | None = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+    task: "PreferenceTaskConfig | None" = None
+    batch_size: int = 8
+    source_ratios: dict | None = None
+    device: str = "cpu"
+
+
+def train_preference(spec: PreferenceRunSpec, dataset=None, resume: bool = True) -> list[dict]:
+    """Run one preference stage; writes a run folder `mugen generate` can load."""
+    import copy
+
+    from mugen.models.dit.io import load_dit, write_run_config
+    from mugen.train.preference import FlowDPOTask, FlowKTOTask, PreferenceTaskConfig
+    from mugen.train.preference_data import PreferenceDataset, SourceMixBatchSampler
+
+    if spec.kind not in ("dpo", "kto"):
+        raise MugenError(f"preference run: kind={spec.kind!r}; use 'dpo' or 'kto'")
+    if dataset is None:
+        if spec.manifest is None:
+            raise MugenError("preference run: give --manifest (a preference.parquet) with the pairs or labels")
+        dataset = PreferenceDataset.from_manifest(spec.manifest)
+    if dataset.kind != spec.kind:
+        raise MugenError(f"preference run: the data holds {dataset.kind} rows but the run is {spec.kind}; use `mugen train {dataset.kind}`")
+    policy, record = load_dit(spec.policy)
+    reference_model = policy if spec.reference is None else load_dit(spec.reference)[0]
+    reference_model = copy.deepcopy(reference_model).to(spec.device)
+    task_config = spec.task or PreferenceTaskConfig(shift_base_resolution=record.get("shift_base_resolution", 512 * 512))
+    task = (FlowDPOTask if spec.kind == "dpo" else FlowKTOTask)(reference_model, task_config)
+    sources = dataset.sources()
+    ratios = spec.source_ratios or {name: 1.0 for name in sorted(set(sources))}
+    sampler = SourceMixBatchSampler(sources, dataset.shape_keys(), spec.batch_size, ratios, seed=spec.train.seed)
+    new_record = dict(record)
+    new_record["preference"] = {
+        "kind": spec.kind,
+        "policy": str(spec.policy),
+        "reference": str(spec.reference or spec.policy),
+        "source_ratios": ratios,
+        "task": dataclasses.asdict(task_config),
+    }
+    write_run_config(spec.output_dir, new_record)
+    policy.train()
+    trainer = Trainer(policy, task, dataset, sampler, dataset.collate, spec.train, spec.output_dir, device=spec.device, resume=resume)
+    return trainer.fit()
