@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -47,8 +48,11 @@ class StrategyDemoConfig:
     vae_steps: int = 300
     vae_clips: int = 32
     vae_batch_size: int = 8
-    # SFT data
+    # SFT data. direction_caption_noise: fraction of training clips whose caption names a wrong
+    # direction of motion (noisy captions, as a captioner makes them), so the SFT model moves the
+    # wrong way part of the time and DPO on detector-labelled pairs has something to correct.
     seeds_per_spec: int = 2
+    direction_caption_noise: float = 0.5
     batch_size: int = 16
     lr: float = 1e-3
     # 1. expansion: narrow -> x2 wide (head dim kept: heads double)
@@ -76,21 +80,21 @@ STRATEGY_PRESETS = {
     "cuda": StrategyDemoConfig(
         name="cuda",
         device="cuda",
-        vae_steps=1200,
+        vae_steps=1000,
         vae_clips=256,
         vae_batch_size=32,
         seeds_per_spec=16,
         batch_size=64,
         lr=5e-4,
         narrow={"hidden_size": 192, "depth": 8, "num_heads": 2},
-        narrow_steps=400,
-        wide_steps=400,
+        narrow_steps=300,
+        wide_steps=300,
         validation_levels=16,
-        samples_per_prompt=6,
+        samples_per_prompt=8,
         sample_steps=25,
         preference_steps=300,
         preference_batch_size=32,
-        preference_lr=5e-5,
+        preference_lr=1e-4,
         eval_seeds=8,
     ),
 }
@@ -166,7 +170,7 @@ def _adherence(pipeline, specs, config: StrategyDemoConfig, sheet_dir: Path | No
 
 def run_strategy_demo(output_dir: str | Path, config: StrategyDemoConfig) -> Path:
     from mugen.data.encode import EncodeSample, encode_samples
-    from mugen.data.synthetic import all_specs, render_procedural_clip
+    from mugen.data.synthetic import DIRECTIONS, all_specs, render_procedural_clip
     from mugen.eval.procedural import detect_procedural
     from mugen.infer.pipeline import MugenVideoPipeline
     from mugen.models.dit.io import load_dit
@@ -206,15 +210,19 @@ def run_strategy_demo(output_dir: str | Path, config: StrategyDemoConfig) -> Pat
     with _timer(timings, "encode"):
         text_encoder = build_text_encoder(config.text_encoder, device=config.device)
 
-        def samples(seeds, tag):
-            return (
-                EncodeSample(f"{tag}-{spec.shape}-{spec.colour}-{spec.direction}-{seed}", "procedural",
-                             render_procedural_clip(spec, config.clip_frames, *size, seed=seed), spec.caption(), config.fps)
-                for seed in seeds for spec in specs
-            )
+        def samples(seeds, tag, noise):
+            rng = random.Random(f"{tag}-captions")
+            for seed in seeds:
+                for spec in specs:
+                    caption_spec = spec
+                    if rng.random() < noise:  # a wrong direction in the caption
+                        wrong = [d for d in DIRECTIONS if d != spec.direction]
+                        caption_spec = replace(spec, direction=rng.choice(wrong))
+                    video = render_procedural_clip(spec, config.clip_frames, *size, seed=seed)
+                    yield EncodeSample(f"{tag}-{spec.shape}-{spec.colour}-{spec.direction}-{seed}", "procedural", video, caption_spec.caption(), config.fps)
 
-        train_manifest = encode_samples(samples(range(config.seeds_per_spec), "train"), vae, text_encoder, out / "latents", device=config.device, total=config.seeds_per_spec * len(specs))
-        val_manifest = encode_samples(samples([70_000], "val"), vae, text_encoder, out / "val_latents", device=config.device, total=len(specs))
+        train_manifest = encode_samples(samples(range(config.seeds_per_spec), "train", config.direction_caption_noise), vae, text_encoder, out / "latents", device=config.device, total=config.seeds_per_spec * len(specs))
+        val_manifest = encode_samples(samples([70_000], "val", 0.0), vae, text_encoder, out / "val_latents", device=config.device, total=len(specs))
         validation = _padded_validation_samples(val_manifest)
 
     def dit_run(name, overrides, steps, init_from=None, first_frame=0.0):
@@ -360,6 +368,9 @@ def write_strategy_report(out: Path, results: dict) -> Path:
         "![expanded](expanded/loss_curve.png) ![scratch](scratch/loss_curve.png)",
         "",
         "## 2./3. Preference optimisation on held-out prompts (seed §4.2.3)",
+        "",
+        f"The SFT captions name a wrong direction of motion for {results['config']['direction_caption_noise']:.0%} of the training clips "
+        "(noisy captions), so the SFT model does not always move the prompted way.",
         "",
         f"Preference data from the expanded (SFT) model on {results['preference_data']['train_prompts']} training prompts: "
         f"{results['preference_data']['dpo_pairs']} DPO pairs (prompted direction preferred over a wrong one), "

@@ -1,4 +1,4 @@
-"""`mugen train vae|dit`: train the Video VAE or MUG-DiT from flags and/or a JSON config."""
+"""`mugen train vae|dit|dpo|kto`: train the Video VAE or MUG-DiT, or preference-tune MUG-DiT (flags and/or a JSON config)."""
 
 from __future__ import annotations
 
@@ -24,8 +24,20 @@ def register(commands) -> None:
     dit.add_argument("--vae", default=None, help="the VAE folder the latents came from (recorded for `mugen generate`)")
     dit.add_argument("--text-encoder", default="minilm", help="the text encoder that made the features (recorded for `mugen generate`)")
     dit.add_argument("--image-batch-size", type=int, default=None, help="batch size for image buckets (default: --batch-size)")
+    dit.add_argument("--init-from", default=None, help="start from these weights with a fresh optimizer (e.g. a `mugen expand` output, seed §4.2.1)")
     _add_common(dit)
     dit.set_defaults(handler=run_dit)
+
+    for kind, what in (("dpo", "Flow-DPO on better/worse pairs"), ("kto", "Flow-KTO on pass/fail labels")):
+        pref = models.add_parser(kind, help=f"{what} from a trained MUG-DiT (seed §4.2.3)")
+        pref.add_argument("--manifest", required=True, help="preference.parquet (columns: see README, 'Preference data')")
+        pref.add_argument("--policy", required=True, help="the SFT run folder to start from (also the frozen reference)")
+        pref.add_argument("--reference", default=None, help="another run folder as frozen reference (default: --policy)")
+        pref.add_argument("--beta", type=float, default=None, help="preference temperature on mean flow errors (default 2500)")
+        pref.add_argument("--sft-weight", type=float, default=None, help="weight of the SFT regulariser (default 1.0)")
+        pref.add_argument("--source-ratio", action="append", default=[], metavar="SOURCE=RATIO", help="interleave annotation sources in this ratio (repeatable; default equal)")
+        _add_common(pref)
+        pref.set_defaults(handler=run_preference, kind=kind)
 
 
 def _add_common(parser) -> None:
@@ -115,7 +127,46 @@ def run_dit(args) -> int:
         device=resolve_device(args.device),
         vae_dir=args.vae,
         text_encoder=args.text_encoder,
+        init_from=args.init_from,
     )
     history = train_dit(spec, resume=not args.no_resume)
     print(f"trained {len(history)} steps; run folder {args.output}")
+    return 0
+
+
+def run_preference(args) -> int:
+    from mugen.errors import MugenError
+    from mugen.train.preference import PreferenceTaskConfig
+    from mugen.train.runs import PreferenceRunSpec, dataclass_from_dict, load_run_config, train_preference
+
+    record = load_run_config(args.config)
+    task_values = dict(record.get("task", {}))
+    if args.beta is not None:
+        task_values["beta"] = args.beta
+    if args.sft_weight is not None:
+        task_values["sft_weight"] = args.sft_weight
+    ratios = {}
+    for item in args.source_ratio:
+        name, sep, value = item.partition("=")
+        try:
+            ratios[name] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name:
+            raise MugenError(f"--source-ratio {item!r}: expected SOURCE=RATIO, e.g. motion=3")
+    task = dataclass_from_dict(PreferenceTaskConfig, task_values, "config section 'task'") if task_values else None
+    spec = PreferenceRunSpec(
+        policy=args.policy,
+        output_dir=args.output,
+        kind=args.kind,
+        manifest=args.manifest,
+        reference=args.reference,
+        train=_train_config(args, record),
+        task=task,
+        batch_size=args.batch_size or record.get("data", {}).get("batch_size", 8),
+        source_ratios=ratios or record.get("data", {}).get("source_ratios"),
+        device=resolve_device(args.device),
+    )
+    history = train_preference(spec, resume=not args.no_resume)
+    print(f"trained {len(history)} {args.kind} steps; run folder {args.output}")
     return 0

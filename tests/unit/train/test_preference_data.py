@@ -5,6 +5,7 @@ from collections import Counter
 import pytest
 import torch
 
+from mugen.cli import main
 from mugen.errors import MugenError
 from mugen.models.dit import MUGDiT, dit_config
 from mugen.models.dit.io import load_dit, write_run_config
@@ -137,3 +138,24 @@ def test_preference_run_moves_the_policy_and_writes_a_loadable_run(tmp_path, kin
     assert moved > 0  # the policy trained; the frozen reference (the SFT weights) did not leak in
     with pytest.raises(MugenError, match="use `mugen train"):
         train_preference(PreferenceRunSpec(policy=spec.policy, output_dir=str(tmp_path / "x"), kind="kto" if kind == "dpo" else "dpo", manifest=str(manifest)))
+
+
+def test_train_dpo_command_interleaves_sources_and_writes_a_run(tmp_path, capsys):
+    _policy_run(tmp_path / "sft")
+    manifest = write_preference_dataset(tmp_path / "prefs", _dpo_entries(6, "motion") + _dpo_entries(4, "style", seed=1))
+    code = main([
+        "train", "dpo", "--manifest", str(manifest), "--policy", str(tmp_path / "sft"), "--output", str(tmp_path / "run"),
+        "--steps", "3", "--batch-size", "2", "--beta", "100", "--source-ratio", "motion=3", "--source-ratio", "style=1",
+    ])
+    assert code == 0
+    _, record = load_dit(tmp_path / "run")
+    assert record["preference"]["source_ratios"] == {"motion": 3.0, "style": 1.0}
+    assert record["preference"]["task"]["beta"] == 100.0
+
+
+def test_bad_source_ratio_is_one_line(tmp_path, capsys):
+    _policy_run(tmp_path / "sft")
+    manifest = write_preference_dataset(tmp_path / "prefs", _dpo_entries(2))
+    code = main(["train", "dpo", "--manifest", str(manifest), "--policy", str(tmp_path / "sft"), "--output", str(tmp_path / "run"), "--source-ratio", "motion"])
+    assert code == 2
+    assert "SOURCE=RATIO" in capsys.readouterr().err
