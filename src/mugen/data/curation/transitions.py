@@ -194,27 +194,18 @@ def frames_to_intervals(positive: np.ndarray, merge_gap: int, min_length: int) -
     return [(start, end) for start, end in runs if end - start >= min_length]
 
 
-class GradualTransitionDetector:
-    """Streaming detector: `push` each analysis frame in order, then `finish()` -> intervals.
+class WindowFeatureStream:
+    """Streaming window features: `push` each analysis frame in order, then `finish()` ->
+    (frames, NUM_WINDOW_FEATURES). The first/last frame is repeated beyond the ends of the video.
 
     Memory is bounded: it keeps the per-frame features of the last `2 * max(k) + 1` frames and one
-    window feature vector per frame (18 floats).
+    window feature vector per frame (NUM_WINDOW_FEATURES = 37 floats).
     """
 
-    def __init__(
-        self,
-        svm: TransitionSVM | None = None,
-        threshold: float = 0.0,
-        merge_gap: int = 2,
-        min_length: int = 3,
-    ):
-        self.svm = svm if svm is not None else load_transition_svm()
-        self.threshold = threshold
-        self.merge_gap = merge_gap
-        self.min_length = min_length
+    def __init__(self) -> None:
         self._reach = max(WINDOW_HALF_WIDTHS)
         self._buffer: deque[FrameFeatures] = deque(maxlen=2 * self._reach + 1)
-        self._window_features: list[np.ndarray] = []
+        self._rows: list[np.ndarray] = []
         self._pushed = 0
 
     def push_features(self, features: FrameFeatures) -> None:
@@ -224,30 +215,71 @@ class GradualTransitionDetector:
         self._buffer.append(features)
         self._pushed += 1
         if len(self._buffer) == self._buffer.maxlen:
-            self._window_features.append(window_features(list(self._buffer), self._reach))
+            self._rows.append(window_features(list(self._buffer), self._reach))
 
     def push(self, bgr: np.ndarray) -> None:
         self.push_features(frame_features(bgr))
 
-    def window_feature_matrix(self) -> np.ndarray:
-        """(frames, NUM_WINDOW_FEATURES) after `finish`: the SVM's input per frame."""
-        return np.stack(self._window_features) if self._window_features else np.zeros((0, NUM_WINDOW_FEATURES), np.float32)
+    def finish(self) -> np.ndarray:
+        if self._pushed:
+            last = self._buffer[-1]
+            while len(self._rows) < self._pushed:  # repeat the last frame after the end
+                self._buffer.append(last)
+                self._rows.append(window_features(list(self._buffer), self._reach))
+        return np.stack(self._rows) if self._rows else np.zeros((0, NUM_WINDOW_FEATURES), np.float32)
 
-    def _flush(self) -> None:
-        if self._pushed == 0:
-            return
-        last = self._buffer[-1]
-        while len(self._window_features) < self._pushed:  # repeat the last frame after the end
-            self._buffer.append(last)
-            self._window_features.append(window_features(list(self._buffer), self._reach))
 
-    def decision_values(self) -> np.ndarray:
-        """(frames,) SVM decision per frame; positive = inside a gradual transition."""
-        self._flush()
-        matrix = self.window_feature_matrix()
-        return self.svm.decision_function(matrix) if len(matrix) else np.zeros(0)
+class GradualTransitionDetector:
+    """Streaming detector: `push` each analysis frame (H, W, 3) uint8 BGR in order, then
+    `finish()` -> [start, end) intervals of detected fades/dissolves."""
+
+    def __init__(self, svm: TransitionSVM | None = None, threshold: float = 0.0, merge_gap: int = 2, min_length: int = 3):
+        self.svm = svm if svm is not None else load_transition_svm()
+        self.threshold = threshold
+        self.merge_gap = merge_gap
+        self.min_length = min_length
+        self._features = WindowFeatureStream()
+        self.decisions: np.ndarray | None = None  # (frames,) SVM decisions, set by finish()
+
+    def push(self, bgr: np.ndarray) -> None:
+        self._features.push(bgr)
 
     def finish(self) -> list[tuple[int, int]]:
-        """Detected transitions as [start_frame, end_frame) intervals."""
-        decisions = self.decision_values()
-        return frames_to_intervals(decisions > self.threshold, self.merge_gap, self.min_length)
+        matrix = self._features.finish()  # (frames, NUM_WINDOW_FEATURES)
+        self.decisions = self.svm.decision_function(matrix) if len(matrix) else np.zeros(0)
+        return frames_to_intervals(self.decisions > self.threshold, self.merge_gap, self.min_length)
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthesis of transitions from real footage (training data for the SVM, and test material)
+
+TRANSITION_KINDS = ("dissolve", "fade")
+
+
+def synthesize_transition(kind: str, outgoing: np.ndarray, incoming: np.ndarray) -> np.ndarray:
+    """Blend two shots the way an editor's transition does. `outgoing` and `incoming` are the
+    (L, H, W, 3) uint8 frames that play during the transition (both shots keep moving);
+    returns the L transition frames:
+
+    - "dissolve": a cross-fade, weight of `incoming` rising linearly from 1/(L+1) to L/(L+1);
+    - "fade": `outgoing` fades to black over the first half, `incoming` fades in from black over
+      the second half (a dip to black).
+    """
+    if outgoing.shape != incoming.shape or outgoing.ndim != 4:
+        raise ValueError(f"expected two (L, H, W, 3) arrays of one shape, got {outgoing.shape} and {incoming.shape}")
+    length = outgoing.shape[0]
+    first = outgoing.astype(np.float32)
+    second = incoming.astype(np.float32)
+    if kind == "dissolve":
+        weight = (np.arange(1, length + 1, dtype=np.float32) / (length + 1))[:, None, None, None]  # (L, 1, 1, 1)
+        blended = (1.0 - weight) * first + weight * second
+    elif kind == "fade":
+        half = length // 2
+        out_gain = 1.0 - np.arange(1, half + 1, dtype=np.float32) / (half + 1)  # (half,)
+        in_gain = np.arange(1, length - half + 1, dtype=np.float32) / (length - half + 1)  # (L - half,)
+        blended = np.concatenate(
+            [first[:half] * out_gain[:, None, None, None], second[half:] * in_gain[:, None, None, None]]
+        )
+    else:
+        raise ValueError(f"kind={kind!r} must be one of {TRANSITION_KINDS}")
+    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
