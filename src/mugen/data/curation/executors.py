@@ -73,14 +73,8 @@ class ProcessExecutor:
         pending = iter(items)
         in_flight: dict[futures.Future, Any] = {}
         self._pool = self._pool or self._new_pool()
-        exhausted = False
         while True:
-            while not exhausted and len(in_flight) < self.max_in_flight:
-                item = next(pending, _END)
-                if item is _END:
-                    exhausted = True
-                    break
-                in_flight[self._pool.submit(function, item)] = item
+            _top_up(in_flight, pending, lambda item: self._pool.submit(function, item), self.max_in_flight)
             if not in_flight:
                 return
             done, _ = futures.wait(in_flight, return_when=futures.FIRST_COMPLETED)
@@ -135,14 +129,8 @@ class RayExecutor:
         remote = ray.remote(num_cpus=1, max_retries=0)(function)
         pending = iter(items)
         in_flight: dict[Any, Any] = {}
-        exhausted = False
         while True:
-            while not exhausted and len(in_flight) < self.max_in_flight:
-                item = next(pending, _END)
-                if item is _END:
-                    exhausted = True
-                    break
-                in_flight[remote.remote(item)] = item
+            _top_up(in_flight, pending, remote.remote, self.max_in_flight)
             if not in_flight:
                 return
             done, _ = ray.wait(list(in_flight), num_returns=1)
@@ -160,6 +148,15 @@ class RayExecutor:
 
 
 _END = object()
+
+
+def _top_up(in_flight: dict, pending: Iterator, submit: Callable[[Any], Any], limit: int) -> None:
+    """Submit items from `pending` until `limit` are in flight ({handle: item}) or none are left."""
+    while len(in_flight) < limit:
+        item = next(pending, _END)
+        if item is _END:
+            return
+        in_flight[submit(item)] = item
 
 
 def _import_paths() -> list[str]:

@@ -91,6 +91,8 @@ class CurationConfig:
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "config") -> CurationConfig:
+        from mugen.train.runs import dataclass_from_dict  # imported here: only the driver parses configs
+
         sections = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - set(sections))
         if unknown:
@@ -99,20 +101,10 @@ class CurationConfig:
         for name, value in data.items():
             if name == "hash_method":
                 values[name] = value
-                continue
-            section_type = type(sections[name].default_factory())
-            if not isinstance(value, dict):
+            elif not isinstance(value, dict):
                 raise MugenError(f"{where}: section {name!r} must be an object of settings")
-            known = {f.name: f for f in dataclasses.fields(section_type)}
-            bad = sorted(set(value) - set(known))
-            if bad:
-                raise MugenError(f"{where}: section {name!r} has unknown settings {bad}; valid: {sorted(known)}")
-            defaults = section_type()
-            converted = {
-                key: tuple(item) if isinstance(getattr(defaults, key), tuple) and isinstance(item, list) else item
-                for key, item in value.items()
-            }
-            values[name] = section_type(**converted)
+            else:
+                values[name] = dataclass_from_dict(type(sections[name].default_factory()), value, f"{where} section {name!r}")
         return cls(**values)
 
     @classmethod

@@ -74,7 +74,7 @@ def test_parse_stages_and_config_errors(tmp_path):
     with pytest.raises(MugenError, match="unknown sections"):
         CurationConfig.from_json(config_file)
     config_file.write_text(json.dumps({"filter": {"sharpnes_range": [1, 2]}}))
-    with pytest.raises(MugenError, match="unknown settings"):
+    with pytest.raises(MugenError, match="unknown keys"):
         CurationConfig.from_json(config_file)
 
 
