@@ -213,21 +213,29 @@ def sidecar_caption(row: dict, mapping: dict[str, str] | None) -> str | None:
 
 
 def clip_frames(row: dict, manifest_dir: Path, config: CaptionConfig) -> list[np.ndarray]:
-    """RGB frames sampled from a clip: from its written MP4 when there is one, else the source."""
-    from mugen.data.curation.decode import read_frames, size_for_short_side
+    """Upright RGB frames sampled from a clip, short side at most `config.frame_short_side`:
+    from its written MP4 when there is one (already upright), else from the source range."""
+    import cv2
+
+    from mugen.data.curation.decode import read_frames
 
     offsets = caption_frame_indices(int(row["num_frames"]), config.frames_per_clip)
     if row.get("clip_path"):
-        path, first = manifest_dir / row["clip_path"], 0
-        width, height = int(row["width"]), int(row["height"])  # clips are written upright
+        path, first, quarter_turns = manifest_dir / row["clip_path"], 0, 0
     else:
         path, first = Path(row["source_path"]), int(row["start_frame"])
-        width, height = int(row["width"]), int(row["height"])
-        if int(row.get("rotation") or 0) in (90, 270):
-            width, height = height, width  # decoded frames are stored sideways
-    size = size_for_short_side(width, height, min(config.frame_short_side, min(width, height)))
-    frames = read_frames(path, float(row["fps"]), [first + offset for offset in offsets], size=size, pixel_format="rgb24")
-    return [frames[first + offset] for offset in offsets if first + offset in frames]
+        quarter_turns = (int(row.get("rotation") or 0) // 90) % 4  # decoded frames are stored sideways
+    decoded = read_frames(path, float(row["fps"]), [first + offset for offset in offsets], pixel_format="rgb24")
+    frames = []
+    for offset in offsets:
+        frame = decoded.get(first + offset)
+        if frame is None:
+            continue
+        scale = config.frame_short_side / min(frame.shape[:2])
+        if scale < 1:
+            frame = cv2.resize(frame, (round(frame.shape[1] * scale), round(frame.shape[0] * scale)), interpolation=cv2.INTER_AREA)
+        frames.append(np.ascontiguousarray(np.rot90(frame, k=quarter_turns)) if quarter_turns else frame)
+    return frames
 
 
 def caption_rows(

@@ -113,3 +113,18 @@ def test_bad_sidecars_and_model_folders_are_user_errors(tmp_path):
         load_caption_mapping(tmp_path / "x.yaml")
     with pytest.raises(MugenError, match="config.json"):
         QwenVLCaptioner(tmp_path)
+
+
+def test_clip_frames_are_upright_and_shrunk(tmp_path):
+    from mugen.data.curation.caption import clip_frames
+
+    video = write_scrolling_video(tmp_path / "v.mp4", num_frames=30, size=(160, 96))
+    config = CaptionConfig(frames_per_clip=3, frame_short_side=48)
+    frames = clip_frames(_row(video, start=0, end=30), tmp_path, config)
+    assert [frame.shape for frame in frames] == [(48, 80, 3)] * 3
+    turned = clip_frames(_row(video, start=0, end=30, rotation=90), tmp_path, config)
+    assert [frame.shape for frame in turned] == [(80, 48, 3)] * 3
+    assert np.array_equal(turned[0], np.rot90(frames[0]))
+    # a written clip is read from its own file, from its frame 0
+    written = clip_frames(_row(video, start=100, end=130, clip_path="v.mp4"), tmp_path, config)
+    assert all(np.array_equal(a, b) for a, b in zip(written, frames))
