@@ -77,6 +77,23 @@ def test_curate_produces_clips_manifest_and_report_in_one_command(sample_inputs,
     assert (output / "report_files" / "hist_motion.png").is_file()
     assert "uncaptioned" in report and "cut_short.mp4" in report
     assert json.loads((output / "tags.json").read_text())["subjects"]
+    listed = [json.loads(line) for line in (output / "clips.jsonl").read_text().splitlines()]
+    assert [entry["clip_id"] for entry in listed] == [row["clip_id"] for row in kept]
+    assert all((output / entry["path"]).is_file() for entry in listed)
+
+
+def test_curated_clips_feed_mugen_encode(sample_inputs, tmp_path):
+    """The kept clips of `mugen curate` are a table `mugen encode` reads (path + caption)."""
+    from mugen.data.encode import list_sources
+
+    output = tmp_path / "out"
+    config = tmp_path / "curate.json"
+    config.write_text(json.dumps(LENIENT))
+    only_bunny = tmp_path / "list.txt"
+    only_bunny.write_text(str(sample_inputs / "bigbuckbunny.mp4") + "\n")
+    assert main(["curate", "--input", str(only_bunny), "--output", str(output), "--max-clip-side", "64", "--config", str(config), "--stages", "probe,split,filter,caption"]) == 0
+    sources = list_sources(output / "clips.jsonl")
+    assert sources and all(item.path.is_file() and "rabbit" in item.caption for item in sources)
 
 
 def test_curate_answers_bad_input_in_one_line(tmp_path, capsys):

@@ -13,7 +13,8 @@ Two phases:
    goes on.
 2. Over all clips, in the driver: captions (VLM, cached per video in `OUT/.work/captions/`, or
    sidecars) -> tags -> near-duplicates -> sampling weights -> `manifest.parquet`,
-   `rejections.parquet`, `tags.json`, `report.html`, each written atomically.
+   `rejections.parquet`, `tags.json`, `clips.jsonl` (kept clip files + captions, the table
+   `mugen encode --input` reads) and `report.html`, each written atomically.
 
 Stages (`--stages`, default all): probe, split, filter, caption, tags, dedup, balance. Without
 `split` each video is one clip; without `filter` no scores are computed and every clip passes.
@@ -480,6 +481,7 @@ def finish_manifest(
     from mugen.data.curation.tags import tag_ontology
 
     write_text_atomically(output_dir / "tags.json", json.dumps(tag_ontology(rows), indent=1))
+    write_training_list(output_dir, rows)
     write_text_atomically(output_dir / "curate_config.json", json.dumps({"stages": list(stages), **config.to_dict()}, indent=1))
     counts = stage_counts(rows, rejections, videos or len({row["video_id"] for row in rows}) + len(rejections))
     report = None
@@ -497,6 +499,20 @@ def finish_manifest(
         rejected_videos=len(rejections),
         stage_counts=counts,
     )
+
+
+TRAINING_LIST_NAME = "clips.jsonl"
+
+
+def write_training_list(output_dir: Path, rows: list[dict]) -> Path:
+    """`clips.jsonl`: the kept clips that have a file, as `mugen encode --input` reads a table
+    (`path` relative to this file, `caption`), plus `clip_id` and `sample_weight`."""
+    lines = [
+        json.dumps({"path": row["clip_path"], "caption": row.get("caption") or "", "clip_id": row["clip_id"], "sample_weight": row["sample_weight"]})
+        for row in rows
+        if row.get("keep") and row.get("clip_path")
+    ]
+    return write_text_atomically(output_dir / TRAINING_LIST_NAME, "".join(line + "\n" for line in lines))
 
 
 def stage_counts(rows: list[dict], rejections: list[dict], videos: int) -> dict[str, int]:
@@ -602,6 +618,7 @@ def run_manifest_stage(
         write_text_atomically(output_dir / "tags.json", json.dumps(tag_ontology(rows), indent=1))
     if stage != "report":
         write_clip_manifest(manifest, rows)
+        write_training_list(output_dir, rows)
     videos = len({row["video_id"] for row in rows}) + len(rejections)
     counts = stage_counts(rows, rejections, videos)
     summary["report"] = str(write_report(output_dir, rows, rejections, counts, caption_counts=caption_counts, filter_config=config.filter))
