@@ -10,7 +10,7 @@ two "shots". Each training sequence is one of
 - shot A -> hard cut -> shot B                                         (all negative)
 - one continuous shot, possibly panning fast or with brightness flicker (all negative)
 
-Frames are featurised exactly as at run time (`WindowFeatureStream` on 256x144 BGR frames); an RBF
+Frames are featurised exactly as at run time (`window_feature_matrix` on 256x144 BGR frames); an RBF
 SVC (scikit-learn) is fit on the standardised features and exported as JSON (support vectors,
 dual coefficients, intercept, gamma, scaling): no pickle.
 
@@ -41,7 +41,7 @@ from mugen.data.curation.transitions import (
     DEFAULT_WEIGHTS_PATH,
     TRANSITION_KINDS,
     TransitionSVM,
-    WindowFeatureStream,
+    window_feature_matrix,
     frames_to_intervals,
     synthesize_transition,
 )
@@ -69,7 +69,9 @@ class ShotSampler:
         frames, height, width = source.shape[:3]
         crop_w = int(self.rng.uniform(0.45, 1.0) * min(width, height * 16 / 9))
         crop_h = int(crop_w * 9 / 16)
-        pan_x = self.rng.uniform(-1.5, 1.5) if self.rng.random() < 0.4 else 0.0  # pixels per frame
+        # camera pans, up to fast ones (pixels per source frame, horizontal and vertical)
+        pan_x = self.rng.uniform(-10.0, 10.0) if self.rng.random() < 0.5 else 0.0
+        pan_y = self.rng.uniform(-4.0, 4.0) if self.rng.random() < 0.3 else 0.0
         x0 = self.rng.uniform(0, width - crop_w)
         y0 = self.rng.uniform(0, height - crop_h)
         start = int(self.rng.integers(frames))
@@ -81,17 +83,11 @@ class ShotSampler:
             t = t % (2 * frames - 2)  # ping-pong through the source
             t = t if t < frames else 2 * frames - 2 - t
             x = int(np.clip(x0 + pan_x * i, 0, width - crop_w))
-            crop = source[t, int(y0) : int(y0) + crop_h, x : x + crop_w]
+            y = int(np.clip(y0 + pan_y * i, 0, height - crop_h))
+            crop = source[t, y : y + crop_h, x : x + crop_w]
             frame = cv2.resize(crop, ANALYSIS_SIZE, interpolation=cv2.INTER_AREA)
             out.append(frame[:, ::-1] if mirror else frame)
         return np.ascontiguousarray(np.stack(out))  # (length, 144, 256, 3)
-
-
-def featurise(frames: np.ndarray) -> np.ndarray:
-    stream = WindowFeatureStream()
-    for frame in frames:
-        stream.push(frame)
-    return stream.finish()  # (T, F)
 
 
 def transition_sequence(sampler: ShotSampler, rng: np.random.Generator, kind: str, length: int):
@@ -128,13 +124,13 @@ def build_dataset(sampler: ShotSampler, rng: np.random.Generator, num_transition
     for i in range(num_transitions):
         kind = TRANSITION_KINDS[i % len(TRANSITION_KINDS)]
         frames, frame_labels, (start, end) = transition_sequence(sampler, rng, kind, int(rng.integers(4, 41)))
-        features.append(featurise(frames))
+        features.append(window_feature_matrix(frames))
         labels.append(frame_labels)
         events.append((offset + start, offset + end))
         offset += len(frames)
     for _ in range(num_negatives):
         frames, frame_labels = negative_sequence(sampler, rng)
-        features.append(featurise(frames))
+        features.append(window_feature_matrix(frames))
         labels.append(frame_labels)
         offset += len(frames)
     return np.concatenate(features), np.concatenate(labels), events

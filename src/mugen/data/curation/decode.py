@@ -95,20 +95,17 @@ def _check_format(pixel_format: str) -> None:
         raise ValueError(f"pixel_format={pixel_format!r} must be one of {PIXEL_FORMATS}")
 
 
-def iter_frames(
+def iter_video_frames(
     path: str | os.PathLike,
     fps: float,
     start_frame: int = 0,
     end_frame: int | None = None,
-    size: tuple[int, int] | None = None,
-    pixel_format: str = "gray",
     threads: int = 0,
     skip_loop_filter: bool = False,
-) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield (frame_index, array) for frames in [start_frame, end_frame) in order, each scaled to
-    `size` = (width, height) and converted to `pixel_format` inside FFmpeg. Seeks to the keyframe
+) -> Iterator[tuple[int, "av.VideoFrame"]]:
+    """Yield (frame_index, decoded av.VideoFrame) for frames in [start_frame, end_frame), not yet
+    converted: the caller scales each one to what it needs (`convert_frame`). Seeks to the keyframe
     before `start_frame` when it is not 0, and stops decoding at `end_frame`."""
-    _check_format(pixel_format)
     with open_video_stream(path, threads=threads, skip_loop_filter=skip_loop_filter) as (container, stream):
         indexer = _FrameIndexer(stream, fps)
         counter = 0
@@ -124,9 +121,33 @@ def iter_frames(
                     continue
                 if end_frame is not None and index >= end_frame:
                     break
-                yield index, _convert(frame, size, pixel_format)
+                yield index, frame
         except av.FFmpegError as error:
             raise CurationReject(path, "unreadable", f"decoding failed ({error})") from None
+
+
+def convert_frame(frame, size: tuple[int, int] | None, pixel_format: str) -> np.ndarray:
+    """A decoded frame -> array at `size` = (width, height) in `pixel_format`, scaled inside FFmpeg."""
+    _check_format(pixel_format)
+    return _convert(frame, size, pixel_format)
+
+
+def iter_frames(
+    path: str | os.PathLike,
+    fps: float,
+    start_frame: int = 0,
+    end_frame: int | None = None,
+    size: tuple[int, int] | None = None,
+    pixel_format: str = "gray",
+    threads: int = 0,
+    skip_loop_filter: bool = False,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (frame_index, array) for frames in [start_frame, end_frame) in order, each scaled to
+    `size` = (width, height) and converted to `pixel_format` inside FFmpeg. Seeks to the keyframe
+    before `start_frame` when it is not 0, and stops decoding at `end_frame`."""
+    _check_format(pixel_format)
+    for index, frame in iter_video_frames(path, fps, start_frame, end_frame, threads, skip_loop_filter):
+        yield index, _convert(frame, size, pixel_format)
 
 
 def keyframe_indices(path: str | os.PathLike, fps: float) -> list[int]:

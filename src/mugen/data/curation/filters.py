@@ -1,6 +1,7 @@
 """Stage 3 of curation: quality scores per clip and the keep/drop decision (seed §2.1).
 
-Every clip is scored from a handful of decoded frames, never the whole clip:
+Every clip is scored from a handful of decoded frames, never the whole clip (`score_clip` reads
+them with keyframe-aware seeks; `split_and_score` keeps them while splitting, in one pass):
 
 - frames: three evenly spaced pairs of consecutive frames, at the start, middle and end of the
   clip (`sample_pairs`); plus a short run of consecutive frames in the middle for camera shake;
@@ -24,7 +25,7 @@ Scores (all written to the manifest, thresholds from the seed are the defaults):
 - post-processing, weight-free: `border_fraction` (share of the frame taken by letterbox /
   pillarbox bars, from rows/columns that stay dark and flat in every sampled frame) and `shake`
   (camera shake: RMS of the second difference of the global translation, estimated by phase
-  correlation over consecutive middle frames, pixels per frame^2 at 480p).
+  correlation over 9 consecutive middle frames at 240p, reported in pixels per frame^2 at 480p).
 - post-processing, model-based: any `ClipClassifier` (text overlays, special effects, speed
   changes, e.g. a local VLM) registered with `register_classifier`; its scores are stored as
   `classifier.<label>` and compared with `FilterConfig.classifier_max_scores`.
@@ -42,9 +43,9 @@ from typing import Protocol, runtime_checkable
 import cv2
 import numpy as np
 
-from mugen.data.curation.decode import read_frames, size_for_short_side
+from mugen.data.curation.decode import convert_frame, iter_video_frames, read_frames, size_for_short_side
 from mugen.data.curation.probe import VideoProbe
-from mugen.data.curation.scenes import SceneClip
+from mugen.data.curation.scenes import SceneClip, SceneSplitConfig, StreamingSplitter
 from mugen.errors import MugenError
 
 MOTION_BACKENDS = ("dis", "raft")
@@ -129,18 +130,32 @@ class FilterConfig:
 # Frame sampling
 
 
-def sample_pairs(clip: SceneClip) -> list[tuple[int, int]]:
-    """Three evenly spaced pairs of consecutive frames: start, middle and end of the clip (seed §2.1)."""
-    first, last = clip.start_frame, clip.end_frame - 2  # a pair (i, i + 1) needs i + 1 < end_frame
+def sample_pairs(clip: SceneClip, stride: int = 1) -> list[tuple[int, int]]:
+    """Three evenly spaced pairs of consecutive frames: start, middle and end of the clip (seed §2.1).
+
+    With `stride` > 1 the pairs start on multiples of `stride` (the grid the single-pass scorer
+    keeps frames on): the first and last grid points inside the clip and the one nearest the middle.
+    Returns [] when no grid point fits (a clip shorter than the stride)."""
+    first = -(-clip.start_frame // stride) * stride  # ceil to the grid
+    last = ((clip.end_frame - 2) // stride) * stride  # a pair (i, i + 1) needs i + 1 < end_frame
     if last < first:
-        raise MugenError(f"clip {clip} has {clip.num_frames} frame(s); scoring needs at least 2")
-    starts = sorted({first, (first + last) // 2, last})
-    return [(i, i + 1) for i in starts]
+        if stride == 1:
+            raise MugenError(f"clip {clip} has {clip.num_frames} frame(s); scoring needs at least 2")
+        return []
+    middle = first + int(round((last - first) / (2 * stride))) * stride
+    return [(i, i + 1) for i in sorted({first, middle, last})]
 
 
-def shake_frame_indices(clip: SceneClip, count: int) -> list[int]:
+def shake_frame_indices(clip: SceneClip, count: int, stride: int = 1) -> list[int]:
+    """`count` consecutive frames near the middle of the clip, starting on a multiple of `stride`
+    ([] when no such run fits inside the clip)."""
     count = min(count, clip.num_frames)
-    begin = clip.start_frame + (clip.num_frames - count) // 2
+    centre = clip.start_frame + (clip.num_frames - count) // 2
+    first = -(-clip.start_frame // stride) * stride
+    last = ((clip.end_frame - count) // stride) * stride
+    if last < first:
+        return []
+    begin = min(max(int(round(centre / stride)) * stride, first), last)
     return list(range(begin, begin + count))
 
 
@@ -226,18 +241,15 @@ def border_fraction(greys: list[np.ndarray], dark_level: float = 24.0, flat_std:
     return float(covered / (height * width))
 
 
-def camera_shake(greys: list[np.ndarray], downscale: int = 2) -> float:
-    """Jitter of the global motion over consecutive frames: the RMS of the second difference of the
-    global translation (phase correlation, estimated at 1/`downscale` size and scaled back), in
-    pixels per frame^2 at the size of `greys`. Steady pans score ~0; hand-held shake scores high."""
-    height, width = greys[0].shape
-    small = [
-        cv2.resize(grey, (width // downscale, height // downscale), interpolation=cv2.INTER_AREA).astype(np.float32)
-        for grey in greys
-    ]
-    window = cv2.createHanningWindow(small[0].shape[::-1], cv2.CV_32F)
-    shifts = [cv2.phaseCorrelate(small[i], small[i + 1], window)[0] for i in range(len(small) - 1)]  # per-step (dx, dy)
-    velocity = np.asarray(shifts, dtype=np.float64) * downscale  # (N-1, 2) pixels per frame
+def camera_shake(greys: list[np.ndarray], scale: float = 1.0) -> float:
+    """Jitter of the global motion over consecutive grey frames: the RMS of the second difference
+    of the global translation (phase correlation), in pixels per frame^2, multiplied by `scale`
+    (frames analysed at half the processing size pass scale=2). Steady pans score ~0; hand-held
+    shake scores high."""
+    frames = [grey.astype(np.float32) for grey in greys]
+    window = cv2.createHanningWindow(frames[0].shape[::-1], cv2.CV_32F)
+    shifts = [cv2.phaseCorrelate(frames[i], frames[i + 1], window)[0] for i in range(len(frames) - 1)]  # per-step (dx, dy)
+    velocity = np.asarray(shifts, dtype=np.float64) * scale  # (N-1, 2) pixels per frame
     acceleration = np.diff(velocity, axis=0)  # (N-2, 2)
     return float(np.sqrt((acceleration**2).sum(1).mean())) if len(acceleration) else 0.0
 
@@ -329,18 +341,21 @@ def processing_size(probe: VideoProbe, short_side: int) -> tuple[int, int]:
     return size_for_short_side(stored_width, stored_height, short_side)
 
 
-def score_clip(path: str | os.PathLike, probe: VideoProbe, clip: SceneClip, config: FilterConfig) -> dict:
-    """All filter scores of one clip, decoding only its sampled frames at the processing size."""
-    pairs = sample_pairs(clip)
-    shake_indices = shake_frame_indices(clip, config.shake_frames)
-    wanted = {i for pair in pairs for i in pair} | set(shake_indices)
-    size = processing_size(probe, config.processing_short_side)
-    rgb = read_frames(path, probe.fps, wanted, size=size, pixel_format="rgb24")
-    missing = sorted(wanted - set(rgb))
-    if missing:
-        raise MugenError(f"video '{path}': frames {missing[:5]} of clip {clip.start_frame}-{clip.end_frame} could not be decoded")
-    grey = {index: cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY) for index, frame in rgb.items()}
+def _needs_rgb(config: FilterConfig) -> bool:
+    return config.aesthetic_clip_dir is not None or bool(config.classifiers)
 
+
+def _scores_from_frames(
+    pairs: list[tuple[int, int]],
+    frames: dict[int, np.ndarray],
+    shake_frames: list[np.ndarray],
+    clip: SceneClip,
+    probe: VideoProbe,
+    config: FilterConfig,
+) -> dict:
+    """Scores from the sampled frames: `frames` maps each pair's frame index to a grey (H, W) or
+    RGB (H, W, 3) frame at the processing size; `shake_frames` are grey at half that size."""
+    grey = {i: (cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) if f.ndim == 3 else f) for i, f in frames.items()}
     sharpness_values = [laplacian_variance(grey[first]) for first, _ in pairs]
     scores: dict = {
         "sharpness": float(np.median(sharpness_values)),
@@ -349,18 +364,92 @@ def score_clip(path: str | os.PathLike, probe: VideoProbe, clip: SceneClip, conf
         "motion": mean_flow_magnitude([(grey[a], grey[b]) for a, b in pairs], _flow_function(config)),
         "motion_backend": config.motion_backend,
         "border_fraction": border_fraction([grey[first] for first, _ in pairs]),
-        "shake": camera_shake([grey[i] for i in shake_indices]),
+        "shake": camera_shake(shake_frames, scale=2.0) if len(shake_frames) >= 3 else None,
     }
-    sampled_rgb = [rgb[first] for first, _ in pairs]
     if config.aesthetic_clip_dir is None:
         scores["aesthetic"] = None
         scores["aesthetic_unavailable"] = "no aesthetic_clip_dir / aesthetic_mlp_weights given"
     else:
-        scores["aesthetic"] = _aesthetic_predictor(config)(sampled_rgb)
+        scores["aesthetic"] = _aesthetic_predictor(config)([frames[first] for first, _ in pairs])
     for classifier in config.classifiers:
-        for label, value in classifier(sampled_rgb, clip, probe).items():
+        for label, value in classifier([frames[first] for first, _ in pairs], clip, probe).items():
             scores[f"classifier.{label}"] = float(value)
     return scores
+
+
+def score_clip(path: str | os.PathLike, probe: VideoProbe, clip: SceneClip, config: FilterConfig) -> dict:
+    """All filter scores of one clip, decoding only its sampled frames at the processing size:
+    3 pairs at 480p (sharpness, motion, borders, aesthetics, classifiers) and `shake_frames`
+    consecutive middle frames at 240p (shake)."""
+    pairs = sample_pairs(clip)
+    shake_indices = shake_frame_indices(clip, config.shake_frames)
+    size = processing_size(probe, config.processing_short_side)
+    shake_size = processing_size(probe, config.processing_short_side // 2)
+    pair_indices = {i for pair in pairs for i in pair}
+    frames = read_frames(path, probe.fps, pair_indices, size=size, pixel_format="rgb24" if _needs_rgb(config) else "gray")
+    shake = read_frames(path, probe.fps, shake_indices, size=shake_size, pixel_format="gray")
+    missing = sorted((pair_indices - set(frames)) | (set(shake_indices) - set(shake)))
+    if missing:
+        raise MugenError(f"video '{path}': frames {missing[:5]} of clip {clip.start_frame}-{clip.end_frame} could not be decoded")
+    return _scores_from_frames(pairs, frames, [shake[i] for i in shake_indices], clip, probe, config)
+
+
+def split_and_score(
+    path: str | os.PathLike,
+    probe: VideoProbe,
+    split_config: SceneSplitConfig,
+    filter_config: FilterConfig,
+    pair_stride: int = 8,
+    shake_stride: int = 16,
+) -> list[tuple[SceneClip, dict]]:
+    """Split and score in ONE decoding pass (what `split_scenes` + `score_clip` per clip do in two).
+
+    Every frame is decoded once. Each is scaled to the small analysis size for the splitter; the
+    frames the filters may need are also scaled to the processing size as they go by and kept
+    until their clip is final: a pair (i, i + 1) for every i that is a multiple of `pair_stride`,
+    and `shake_frames` consecutive frames from every multiple of `shake_stride` (at half size).
+    A clip's sample pairs are the grid pairs nearest its start, middle and end (`sample_pairs(clip,
+    pair_stride)`), so they sit at most `pair_stride - 1` frames from where `score_clip` samples.
+    Kept frames are dropped once the splitter has emitted every clip they could belong to, so
+    memory holds at most about one maximum-length clip's grid frames. A clip too short for the
+    grid falls back to `score_clip`.
+    """
+    if pair_stride < 2 or shake_stride < filter_config.shake_frames:
+        raise MugenError(
+            f"pair_stride={pair_stride} must be >= 2 and shake_stride={shake_stride} >= shake_frames={filter_config.shake_frames}"
+        )
+    splitter = StreamingSplitter(probe, split_config)
+    size = processing_size(probe, filter_config.processing_short_side)
+    shake_size = processing_size(probe, filter_config.processing_short_side // 2)
+    pair_format = "rgb24" if _needs_rgb(filter_config) else "gray"
+    kept_pairs: dict[int, np.ndarray] = {}
+    kept_shake: dict[int, np.ndarray] = {}
+    results: list[tuple[SceneClip, dict]] = []
+
+    def score_final(clips: list[SceneClip]) -> None:
+        for clip in clips:
+            pairs = sample_pairs(clip, pair_stride)
+            shake_indices = shake_frame_indices(clip, filter_config.shake_frames, shake_stride)
+            wanted = {i for pair in pairs for i in pair}
+            if pairs and shake_indices and wanted <= set(kept_pairs) and set(shake_indices) <= set(kept_shake):
+                frames = {i: kept_pairs[i] for i in wanted}
+                scores = _scores_from_frames(pairs, frames, [kept_shake[i] for i in shake_indices], clip, probe, filter_config)
+            else:
+                scores = score_clip(path, probe, clip, filter_config)
+            results.append((clip, scores))
+        for store in (kept_pairs, kept_shake):
+            for index in [i for i in store if i < splitter.frontier]:
+                del store[index]
+
+    # The loop filter stays on here: the processing-size frames feed the sharpness score.
+    for index, frame in iter_video_frames(path, probe.fps):
+        if index % pair_stride < 2:
+            kept_pairs[index] = convert_frame(frame, size, pair_format)
+        if index % shake_stride < filter_config.shake_frames:
+            kept_shake[index] = convert_frame(frame, shake_size, "gray")
+        score_final(splitter.push(index, convert_frame(frame, splitter.analysis_size, "bgr24")))
+    score_final(splitter.finish())
+    return results
 
 
 def _format(value: float) -> str:

@@ -20,6 +20,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from scenedetect import FrameTimecode
 from scenedetect.detectors import AdaptiveDetector, ContentDetector
 
@@ -111,65 +113,146 @@ class SceneBoundaries:
     transitions: list[tuple[int, int]]  # [start, end) frames
 
 
-def detect_boundaries(path: str | os.PathLike, probe: VideoProbe, config: SceneSplitConfig) -> SceneBoundaries:
-    """One decoding pass at the analysis size: hard cuts (PySceneDetect) + gradual transitions (SVM)."""
-    fps = probe.fps
-    stored_width, stored_height = (probe.height, probe.width) if probe.rotation in (90, 270) else (probe.width, probe.height)
-    size = size_for_short_side(stored_width, stored_height, min(config.analysis_short_side, min(stored_width, stored_height)))
-    cut_detector = _make_cut_detector(config)
-    transition_detector = (
-        GradualTransitionDetector(
-            load_transition_svm(config.transition_weights),
-            threshold=config.transition_threshold,
-            min_length=config.transition_min_frames,
-        )
-        if config.detect_transitions
-        else None
-    )
-    cuts: list[int] = []
-    last_index = -1
-    # Deblocking changes nothing visible at 1/5 scale; skipping it makes H.264 decoding ~15% faster.
-    for index, bgr in iter_frames(path, fps, size=size, pixel_format="bgr24", skip_loop_filter=True):
-        last_index = index
-        cuts += [cut.frame_num for cut in cut_detector.process_frame(FrameTimecode(index, fps), bgr)]
-        if transition_detector is not None:
-            transition_detector.push(bgr)
-    num_frames = last_index + 1
-    if num_frames > 0:
-        cuts += [cut.frame_num for cut in cut_detector.post_process(FrameTimecode(last_index, fps))]
-    transitions = transition_detector.finish() if transition_detector is not None else []
-    return SceneBoundaries(num_frames=num_frames, cuts=sorted(set(c for c in cuts if 0 < c < num_frames)), transitions=transitions)
+def _pieces(lo: int, hi: int, cuts, blocked, min_frames: int, max_frames: int, at_end: bool):
+    """Clips of frames [lo, hi): usable runs (outside `blocked` intervals) split at `cuts`, cut
+    greedily into pieces of at most max_frames from each shot start. -> [(start, end, final)]:
+    a piece is final when its end is a known boundary (end < hi), it is full length, or at_end."""
+    usable = np.ones(max(hi - lo, 0), dtype=bool)
+    for start, end in blocked:
+        usable[max(start, lo) - lo : max(min(end, hi) - lo, 0)] = False
+    cut_set = {cut for cut in cuts if lo < cut < hi}
+    pieces, shot_start = [], None
+    for index in range(lo, hi + 1):
+        ends_here = index == hi or not usable[index - lo] or index in cut_set
+        if ends_here and shot_start is not None:
+            for piece_start in range(shot_start, index, max_frames):
+                piece_end = min(index, piece_start + max_frames)
+                final = at_end or piece_end < hi or piece_end - piece_start == max_frames
+                pieces.append((piece_start, piece_end, final))
+            shot_start = None
+        if index < hi and usable[index - lo] and shot_start is None:
+            shot_start = index
+    return pieces
+
+
+def _clip_frame_limits(fps: float, config: SceneSplitConfig) -> tuple[int, int]:
+    min_frames = max(1, int(round(config.min_clip_s * fps)))
+    return min_frames, max(min_frames, int(round(config.max_clip_s * fps)))
+
+
+def _blocked(transitions, margin: int) -> list[tuple[int, int]]:
+    return [(max(0, start - margin), end + margin) for start, end in transitions]
 
 
 def boundaries_to_clips(boundaries: SceneBoundaries, fps: float, config: SceneSplitConfig) -> list[SceneClip]:
     """Shots between cuts, minus transitions (+ margin), cut into clips of [min_clip_s, max_clip_s]."""
-    usable = [True] * boundaries.num_frames
-    margin = config.transition_margin_frames
-    for start, end in boundaries.transitions:
-        for index in range(max(0, start - margin), min(boundaries.num_frames, end + margin)):
-            usable[index] = False
-    cut_set = set(boundaries.cuts)
-    shots: list[tuple[int, int]] = []
-    shot_start = None
-    for index in range(boundaries.num_frames + 1):
-        ends_here = index == boundaries.num_frames or not usable[index] or index in cut_set
-        if ends_here and shot_start is not None:
-            shots.append((shot_start, index))
-            shot_start = None
-        if index < boundaries.num_frames and usable[index] and shot_start is None:
-            shot_start = index
-    min_frames = max(1, int(round(config.min_clip_s * fps)))
-    max_frames = max(min_frames, int(round(config.max_clip_s * fps)))
-    clips = []
-    for start, end in shots:
-        for piece_start in range(start, end, max_frames):
-            piece_end = min(end, piece_start + max_frames)
-            if piece_end - piece_start >= min_frames:
-                clips.append(SceneClip(piece_start, piece_end, fps))
-    return clips
+    min_frames, max_frames = _clip_frame_limits(fps, config)
+    blocked = _blocked(boundaries.transitions, config.transition_margin_frames)
+    pieces = _pieces(0, boundaries.num_frames, boundaries.cuts, blocked, min_frames, max_frames, at_end=True)
+    return [SceneClip(start, end, fps) for start, end, _ in pieces if end - start >= min_frames]
+
+
+class StreamingSplitter:
+    """The splitting stage as a stream: `push(index, bgr)` each analysis frame in order; it returns
+    the clips that became final (no later frame can change them), so a caller can score and forget
+    them while decoding goes on; `finish()` returns the rest. Memory: the transition detector's
+    window plus 8 bytes per frame of SVM decisions."""
+
+    # Frames between resolutions of final clips (resolving is cheap, but not free).
+    RESOLVE_EVERY = 16
+    # Transition runs are recomputed from this many frames before the frontier: a run cut there
+    # is long enough to survive the minimum-length rule.
+    RUN_LOOKBACK = 256
+
+    def __init__(self, probe: VideoProbe, config: SceneSplitConfig):
+        self.fps = probe.fps
+        self.config = config
+        stored_width, stored_height = (probe.height, probe.width) if probe.rotation in (90, 270) else (probe.width, probe.height)
+        short_side = min(config.analysis_short_side, stored_width, stored_height)
+        self.analysis_size = size_for_short_side(stored_width, stored_height, short_side)
+        self.cut_detector = _make_cut_detector(config)
+        self.transition_detector = (
+            GradualTransitionDetector(
+                load_transition_svm(config.transition_weights),
+                threshold=config.transition_threshold,
+                min_length=config.transition_min_frames,
+            )
+            if config.detect_transitions
+            else None
+        )
+        self.min_frames, self.max_frames = _clip_frame_limits(self.fps, config)
+        self.cuts: list[int] = []
+        self.frames = 0
+        self.frontier = 0  # every frame before this belongs to an emitted clip or was dropped
+        self._finished = False
+
+    def _settled(self) -> int:
+        """Frames before this index can no longer change: cuts are reported with a delay of up to
+        the flash filter's length, and transition runs need a few decided frames after them."""
+        settled = self.frames - 2 * self.config.min_cut_gap_frames - 4
+        if self.transition_detector is not None:
+            detector = self.transition_detector
+            settled = min(
+                settled,
+                detector.decided - detector.merge_gap - detector.min_length - self.config.transition_margin_frames - 1,
+            )
+        return settled
+
+    def _resolve(self, hi: int, at_end: bool) -> list[SceneClip]:
+        if hi <= self.frontier:
+            return []
+        transitions = (
+            self.transition_detector.intervals(max(0, self.frontier - self.RUN_LOOKBACK))
+            if self.transition_detector is not None
+            else []
+        )
+        blocked = _blocked(transitions, self.config.transition_margin_frames)
+        pieces = _pieces(self.frontier, hi, self.cuts, blocked, self.min_frames, self.max_frames, at_end)
+        clips = [SceneClip(start, end, self.fps) for start, end, final in pieces if final and end - start >= self.min_frames]
+        pending = [start for start, _, final in pieces if not final]
+        self.frontier = pending[0] if pending else hi
+        return clips
+
+    def push(self, index: int, bgr) -> list[SceneClip]:
+        timecode = FrameTimecode(index, self.fps)
+        self.cuts += [cut.frame_num for cut in self.cut_detector.process_frame(timecode, bgr)]
+        if self.transition_detector is not None:
+            self.transition_detector.push(bgr)
+        self.frames = index + 1
+        if self.frames % self.RESOLVE_EVERY:
+            return []
+        return self._resolve(self._settled(), at_end=False)
+
+    def finish(self) -> list[SceneClip]:
+        if self.frames > 0:
+            self.cuts += [cut.frame_num for cut in self.cut_detector.post_process(FrameTimecode(self.frames - 1, self.fps))]
+        if self.transition_detector is not None:
+            self.transition_detector.finish()
+        self._finished = True
+        return self._resolve(self.frames, at_end=True)
+
+    def boundaries(self) -> SceneBoundaries:
+        """Everything detected (after `finish`)."""
+        transitions = self.transition_detector.intervals() if self.transition_detector is not None else []
+        cuts = sorted(set(cut for cut in self.cuts if 0 < cut < self.frames))
+        return SceneBoundaries(num_frames=self.frames, cuts=cuts, transitions=transitions)
+
+
+def _split_pass(path: str | os.PathLike, probe: VideoProbe, config: SceneSplitConfig) -> tuple[list[SceneClip], SceneBoundaries]:
+    splitter = StreamingSplitter(probe, config)
+    clips: list[SceneClip] = []
+    # Deblocking changes nothing visible at 1/5 scale; skipping it makes H.264 decoding ~15% faster.
+    for index, bgr in iter_frames(path, probe.fps, size=splitter.analysis_size, pixel_format="bgr24", skip_loop_filter=True):
+        clips += splitter.push(index, bgr)
+    clips += splitter.finish()
+    return clips, splitter.boundaries()
+
+
+def detect_boundaries(path: str | os.PathLike, probe: VideoProbe, config: SceneSplitConfig) -> SceneBoundaries:
+    """One decoding pass at the analysis size: hard cuts (PySceneDetect) + gradual transitions (SVM)."""
+    return _split_pass(path, probe, config)[1]
 
 
 def split_scenes(path: str | os.PathLike, probe: VideoProbe, config: SceneSplitConfig) -> list[SceneClip]:
     """Split the video at `path` into clips that each hold one shot and no transition."""
-    boundaries = detect_boundaries(path, probe, config)
-    return boundaries_to_clips(boundaries, probe.fps, config)
+    return _split_pass(path, probe, config)[0]

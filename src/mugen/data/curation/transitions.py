@@ -5,8 +5,8 @@ frame-difference detector misses: fades to/from black and cross-dissolves, where
 frames differ much. This is our version of that idea:
 
 1. per frame (from the small analysis frame the scene splitter already decodes): an HSV colour
-   histogram, a 32x18 grey thumbnail, the mean Sobel gradient magnitude (edge energy) and the
-   luminance mean/std;
+   histogram, a 32x18 grey thumbnail, a 4x3 grid of mean colours, the mean Sobel gradient
+   magnitude (edge energy) and the luminance mean/std;
 2. per window centred on frame t, at several half-widths k: how different the two ends are
    (colour histogram distance), whether that change happens in one step (a cut) or spread over
    the window (gradual), whether frame t is a linear mix of the two ends (the signature of a
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,73 +37,78 @@ DEFAULT_WEIGHTS_PATH = Path(__file__).with_name("transition_svm.json")
 # seen best at k ~ L/2; these cover transitions of roughly 4 to 48 frames.
 WINDOW_HALF_WIDTHS: tuple[int, ...] = (2, 4, 8, 16, 24)
 _THUMBNAIL_SIZE = (32, 18)  # (width, height) of the grey thumbnail used for the linear-mix test
+_COLOUR_GRID_SIZE = (4, 3)  # (width, height) of the coarse colour layout: robust to motion
 _HUE_BINS, _SAT_BINS, _VAL_BINS = 16, 8, 8
-_FEATURES_PER_SCALE = 7
+_FEATURES_PER_SCALE = 9
 NUM_WINDOW_FEATURES = 2 + _FEATURES_PER_SCALE * len(WINDOW_HALF_WIDTHS)
 
 
-@dataclass
-class FrameFeatures:
-    """Colour + structure summary of one analysis frame."""
-
-    histogram: np.ndarray  # (16 + 8 + 8,) float32, each channel's histogram sums to 1
-    thumbnail: np.ndarray  # (18, 32) float32 grey in [0, 255]
-    edge_energy: float  # mean Sobel gradient magnitude of the grey frame
-    luma_mean: float
-    luma_std: float
+# Per-frame feature row layout (float32): histogram | thumbnail | colour grid | edge, mean, std.
+_HIST = slice(0, _HUE_BINS + _SAT_BINS + _VAL_BINS)  # 32 values, each channel's histogram sums to 1
+_THUMB = slice(_HIST.stop, _HIST.stop + _THUMBNAIL_SIZE[0] * _THUMBNAIL_SIZE[1])  # 576 grey values 0-255
+_GRID = slice(_THUMB.stop, _THUMB.stop + _COLOUR_GRID_SIZE[0] * _COLOUR_GRID_SIZE[1] * 3)  # 36 mean BGR values
+_EDGE, _LUMA_MEAN, _LUMA_STD = _GRID.stop, _GRID.stop + 1, _GRID.stop + 2
+FRAME_FEATURE_SIZE = _GRID.stop + 3
 
 
-def frame_features(bgr: np.ndarray) -> FrameFeatures:
-    """Features of one (H, W, 3) uint8 BGR analysis frame."""
+def frame_features(bgr: np.ndarray) -> np.ndarray:
+    """Colour + structure summary of one (H, W, 3) uint8 BGR analysis frame -> (FRAME_FEATURE_SIZE,):
+    HSV histogram (16 hue + 8 saturation + 8 value bins), 32x18 grey thumbnail, 4x3 grid of mean
+    colours, mean Sobel gradient magnitude (edge energy), luminance mean and std."""
+    row = np.empty(FRAME_FEATURE_SIZE, np.float32)
     hsv = cv2.cvtColor(bgr, cv2.COLOR_BGR2HSV)
     pixels = float(hsv.shape[0] * hsv.shape[1])
-    histogram = np.concatenate(
+    row[_HIST] = np.concatenate(
         [
             cv2.calcHist([hsv], [0], None, [_HUE_BINS], [0, 180]).ravel(),
             cv2.calcHist([hsv], [1], None, [_SAT_BINS], [0, 256]).ravel(),
             cv2.calcHist([hsv], [2], None, [_VAL_BINS], [0, 256]).ravel(),
         ]
-    ).astype(np.float32) / pixels  # (32,)
+    ) / pixels
     grey = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
     gradient_x = cv2.Sobel(grey, cv2.CV_32F, 1, 0, ksize=3)
     gradient_y = cv2.Sobel(grey, cv2.CV_32F, 0, 1, ksize=3)
-    edge_energy = float(cv2.magnitude(gradient_x, gradient_y).mean())
-    thumbnail = cv2.resize(grey, _THUMBNAIL_SIZE, interpolation=cv2.INTER_AREA).astype(np.float32)  # (18, 32)
+    row[_EDGE] = cv2.magnitude(gradient_x, gradient_y).mean()
+    row[_THUMB] = cv2.resize(grey, _THUMBNAIL_SIZE, interpolation=cv2.INTER_AREA).ravel()  # 18 x 32
+    row[_GRID] = cv2.resize(bgr, _COLOUR_GRID_SIZE, interpolation=cv2.INTER_AREA).ravel()  # 3 x 4 x 3
     mean, std = cv2.meanStdDev(grey)
-    return FrameFeatures(histogram, thumbnail, edge_energy, float(mean[0, 0]), float(std[0, 0]))
+    row[_LUMA_MEAN], row[_LUMA_STD] = mean[0, 0], std[0, 0]
+    return row
 
 
-def _histogram_distance(a: FrameFeatures, b: FrameFeatures) -> float:
-    """Half the L1 distance per channel histogram, averaged over the 3 channels: in [0, 1]."""
-    return float(np.abs(a.histogram - b.histogram).sum() / 6.0)
-
-
-def window_features(window: list[FrameFeatures], centre: int) -> np.ndarray:
-    """Features for the frame `window[centre]`; `window` must reach `max(WINDOW_HALF_WIDTHS)` on both
-    sides of it (callers repeat the first/last frame at the ends of a video). -> (NUM_WINDOW_FEATURES,)"""
-    middle = window[centre]
-    # One-step histogram changes inside the widest window, reused by every scale.
-    widest = max(WINDOW_HALF_WIDTHS)
-    steps = np.array(
-        [_histogram_distance(window[j], window[j + 1]) for j in range(centre - widest, centre + widest)]
-    )  # (2 * widest,); steps[i] is the change from frame centre - widest + i to the next
-    values = [middle.luma_mean / 255.0, middle.luma_std / 128.0]
+def window_features(rows: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """Window features for frames `centres` of the per-frame feature matrix `rows` (frames, FRAME_FEATURE_SIZE);
+    rows must reach max(WINDOW_HALF_WIDTHS) beyond every centre on both sides (callers repeat the
+    first/last frame at the ends of a video). -> (len(centres), NUM_WINDOW_FEATURES)"""
+    rows = np.asarray(rows, dtype=np.float32)
+    centres = np.asarray(centres)
+    histograms, thumbnails, grids = rows[:, _HIST], rows[:, _THUMB], rows[:, _GRID]
+    # Histogram distance (half L1 per channel, averaged over 3 channels, in [0, 1]) between
+    # consecutive frames: steps[j] is the change from frame j to j + 1.
+    steps = np.abs(np.diff(histograms, axis=0)).sum(1) / 6.0  # (frames - 1,)
+    middle = rows[centres]  # (B, F)
+    columns = [middle[:, _LUMA_MEAN] / 255.0, middle[:, _LUMA_STD] / 128.0]
     for k in WINDOW_HALF_WIDTHS:
-        before, after = window[centre - k], window[centre + k]
-        ends_distance = _histogram_distance(before, after)
-        local_steps = steps[widest - k : widest + k]  # (2k,) steps between frames centre-k .. centre+k
-        largest_step = float(local_steps.max())
+        before, after = centres - k, centres + k
+        ends_distance = np.abs(histograms[before] - histograms[after]).sum(1) / 6.0
+        local_steps = np.lib.stride_tricks.sliding_window_view(steps, 2 * k)[before]  # (B, 2k) steps inside the window
+        largest_step = local_steps.max(1)
         # A cut puts all of the change in one step; a gradual transition spreads it out.
-        step_share = largest_step / (float(local_steps.sum()) + 1e-3)
+        step_share = largest_step / (local_steps.sum(1) + 1e-3)
         # Dissolves and fades are linear mixes of their ends: the middle frame ~ the ends' average.
-        span = float(np.abs(before.thumbnail - after.thumbnail).mean())
-        residual = float(np.abs(middle.thumbnail - 0.5 * (before.thumbnail + after.thumbnail)).mean())
-        mix_residual = residual / (span + 2.0)
+        span = np.abs(thumbnails[before] - thumbnails[after]).mean(1)
+        residual = np.abs(thumbnails[centres] - 0.5 * (thumbnails[before] + thumbnails[after])).mean(1)
+        # The same test on the coarse colour layout, which fast motion disturbs much less.
+        grid_span = np.abs(grids[before] - grids[after]).mean(1)
+        grid_residual = np.abs(grids[centres] - 0.5 * (grids[before] + grids[after])).mean(1)
         # Mixing two unrelated images lowers edge energy and contrast in the middle.
-        edge_dip = middle.edge_energy / (max(before.edge_energy, after.edge_energy) + 1.0)
-        contrast_dip = middle.luma_std / (max(before.luma_std, after.luma_std) + 1.0)
-        values += [ends_distance, largest_step, step_share, span / 64.0, mix_residual, edge_dip, contrast_dip]
-    return np.asarray(values, dtype=np.float32)
+        edge_dip = middle[:, _EDGE] / (np.maximum(rows[before, _EDGE], rows[after, _EDGE]) + 1.0)
+        contrast_dip = middle[:, _LUMA_STD] / (np.maximum(rows[before, _LUMA_STD], rows[after, _LUMA_STD]) + 1.0)
+        columns += [
+            ends_distance, largest_step, step_share, span / 64.0, residual / (span + 2.0),
+            grid_span / 64.0, grid_residual / (grid_span + 2.0), edge_dip, contrast_dip,
+        ]
+    return np.stack(columns, axis=1).astype(np.float32)
 
 
 @dataclass
@@ -195,43 +199,78 @@ def frames_to_intervals(positive: np.ndarray, merge_gap: int, min_length: int) -
 
 
 class WindowFeatureStream:
-    """Streaming window features: `push` each analysis frame in order, then `finish()` ->
-    (frames, NUM_WINDOW_FEATURES). The first/last frame is repeated beyond the ends of the video.
+    """Streaming window features: `push` analysis frames in order; `pop_ready()` returns the rows of
+    the frames whose windows are complete, `finish()` the rest (the first/last frame is repeated
+    beyond the ends of the video). Features are computed in vectorised chunks.
 
-    Memory is bounded: it keeps the per-frame features of the last `2 * max(k) + 1` frames and one
-    window feature vector per frame (NUM_WINDOW_FEATURES = 37 floats).
+    Memory is bounded: per-frame features of the last `2 * max(k) + chunk` frames only.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, chunk: int = 64) -> None:
         self._reach = max(WINDOW_HALF_WIDTHS)
-        self._buffer: deque[FrameFeatures] = deque(maxlen=2 * self._reach + 1)
-        self._rows: list[np.ndarray] = []
+        self._chunk = chunk
+        self._rows: list[np.ndarray] = []  # per-frame features; _rows[i] is padded frame _offset + i
+        self._offset = 0  # padded index of _rows[0]; padded index = frame index + reach
+        self._next_centre = self._reach  # padded index of the next frame without window features
         self._pushed = 0
-
-    def push_features(self, features: FrameFeatures) -> None:
-        if self._pushed == 0:
-            for _ in range(self._reach):  # repeat the first frame before the start
-                self._buffer.append(features)
-        self._buffer.append(features)
-        self._pushed += 1
-        if len(self._buffer) == self._buffer.maxlen:
-            self._rows.append(window_features(list(self._buffer), self._reach))
 
     def push(self, bgr: np.ndarray) -> None:
         self.push_features(frame_features(bgr))
 
+    def push_features(self, row: np.ndarray) -> None:
+        if self._pushed == 0:
+            self._rows.extend([row] * self._reach)  # repeat the first frame before the start
+        self._rows.append(row)
+        self._pushed += 1
+
+    def _compute(self, last_centre: int) -> np.ndarray:
+        """Window features for padded centres [_next_centre, last_centre]; drops rows no longer needed."""
+        if last_centre < self._next_centre:
+            return np.zeros((0, NUM_WINDOW_FEATURES), np.float32)
+        block = np.stack(self._rows)  # (rows, F)
+        centres = np.arange(self._next_centre, last_centre + 1) - self._offset
+        features = window_features(block, centres)
+        self._next_centre = last_centre + 1
+        keep_from = self._next_centre - self._reach - self._offset
+        self._rows = self._rows[keep_from:]
+        self._offset += keep_from
+        return features
+
+    def pop_ready(self) -> np.ndarray:
+        """(n, NUM_WINDOW_FEATURES) for the next frames whose windows are complete (in chunks)."""
+        last_ready = self._offset + len(self._rows) - 1 - self._reach  # padded centre with a full window
+        if last_ready - self._next_centre + 1 < self._chunk:
+            return np.zeros((0, NUM_WINDOW_FEATURES), np.float32)
+        return self._compute(last_ready)
+
     def finish(self) -> np.ndarray:
-        if self._pushed:
-            last = self._buffer[-1]
-            while len(self._rows) < self._pushed:  # repeat the last frame after the end
-                self._buffer.append(last)
-                self._rows.append(window_features(list(self._buffer), self._reach))
-        return np.stack(self._rows) if self._rows else np.zeros((0, NUM_WINDOW_FEATURES), np.float32)
+        """Rows for every frame not returned yet (pads the end by repeating the last frame)."""
+        if self._pushed == 0:
+            return np.zeros((0, NUM_WINDOW_FEATURES), np.float32)
+        self._rows.extend([self._rows[-1]] * self._reach)
+        return self._compute(self._pushed - 1 + self._reach)
+
+    @property
+    def frames_ready(self) -> int:
+        """How many frames (from the start) have had their window features returned."""
+        return self._next_centre - self._reach
+
+
+def window_feature_matrix(frames) -> np.ndarray:
+    """All window features of a sequence of BGR analysis frames -> (frames, NUM_WINDOW_FEATURES)."""
+    stream = WindowFeatureStream()
+    parts = []
+    for frame in frames:
+        stream.push(frame)
+        parts.append(stream.pop_ready())
+    parts.append(stream.finish())
+    return np.concatenate(parts)
 
 
 class GradualTransitionDetector:
-    """Streaming detector: `push` each analysis frame (H, W, 3) uint8 BGR in order, then
-    `finish()` -> [start, end) intervals of detected fades/dissolves."""
+    """Streaming detector: `push` each analysis frame (H, W, 3) uint8 BGR in order. `decisions`
+    grows as windows complete (SVM decision per frame; positive = inside a fade/dissolve);
+    `intervals(lo)` gives the runs found so far from frame `lo`; `finish()` -> all intervals."""
 
     def __init__(self, svm: TransitionSVM | None = None, threshold: float = 0.0, merge_gap: int = 2, min_length: int = 3):
         self.svm = svm if svm is not None else load_transition_svm()
@@ -239,15 +278,34 @@ class GradualTransitionDetector:
         self.merge_gap = merge_gap
         self.min_length = min_length
         self._features = WindowFeatureStream()
-        self.decisions: np.ndarray | None = None  # (frames,) SVM decisions, set by finish()
+        self._decisions: list[np.ndarray] = []
+        self.decided = 0  # frames with a decision so far
+
+    def _decide(self, rows: np.ndarray) -> None:
+        if len(rows):
+            self._decisions.append(self.svm.decision_function(rows))
+            self.decided += len(rows)
 
     def push(self, bgr: np.ndarray) -> None:
         self._features.push(bgr)
+        self._decide(self._features.pop_ready())
+
+    @property
+    def decisions(self) -> np.ndarray:
+        """(decided,) SVM decision values so far (8 bytes per frame)."""
+        if len(self._decisions) > 1:
+            self._decisions = [np.concatenate(self._decisions)]
+        return self._decisions[0] if self._decisions else np.zeros(0)
+
+    def intervals(self, lo: int = 0) -> list[tuple[int, int]]:
+        """Transitions among the decided frames >= lo as [start, end) (a run cut by `lo` keeps its
+        part after lo; callers pass lo far enough back that such a run is long)."""
+        runs = frames_to_intervals(self.decisions[lo:] > self.threshold, self.merge_gap, self.min_length)
+        return [(start + lo, end + lo) for start, end in runs]
 
     def finish(self) -> list[tuple[int, int]]:
-        matrix = self._features.finish()  # (frames, NUM_WINDOW_FEATURES)
-        self.decisions = self.svm.decision_function(matrix) if len(matrix) else np.zeros(0)
-        return frames_to_intervals(self.decisions > self.threshold, self.merge_gap, self.min_length)
+        self._decide(self._features.finish())
+        return self.intervals()
 
 
 # ----------------------------------------------------------------------------------------------
