@@ -3,7 +3,7 @@
 Two phases:
 
 1. Per video, in parallel workers (`executors.py`): probe -> split -> score/filter -> frame
-   hashes -> write clips. Each worker handles one video at a time and streams its frames, so
+   hashes -> write clips (split and scores share one decoding pass, `filters.split_and_score`). Each worker handles one video at a time and streams its frames, so
    memory is bounded by the number of videos in flight, not by the data set. When a video is
    done, the driver writes its result to `OUT/.work/videos/<video_id>.json` (atomically): that
    shard is the only record that the video is finished. A restarted run skips every video that
@@ -40,7 +40,7 @@ from mugen.data.curation.balance import BalanceConfig, assign_sample_weights
 from mugen.data.curation.caption import CaptionConfig
 from mugen.data.curation.clips import ClipOutputConfig, clip_relative_path, write_clip
 from mugen.data.curation.dedup import HASH_METHODS, DedupConfig, clip_frame_hashes, mark_duplicates
-from mugen.data.curation.filters import FilterConfig, filter_reasons, score_clip
+from mugen.data.curation.filters import FilterConfig, filter_reasons, score_clip, split_and_score
 from mugen.data.curation.manifest import (
     MANIFEST_NAME,
     REJECTIONS_NAME,
@@ -240,24 +240,23 @@ def curate_video(job: VideoJob) -> dict:
     try:
         probe = probe_video(task.path)
         stage = "split"
-        if "split" in job.stages:
-            scene_clips = split_scenes(task.path, probe, job.split.for_source(task.source))
+        split_config = job.split.for_source(task.source)
+        if "split" in job.stages and "filter" in job.stages:
+            scored = split_and_score(task.path, probe, split_config, job.filter)  # one decoding pass for both
+        elif "split" in job.stages:
+            scored = [(clip, None) for clip in split_scenes(task.path, probe, split_config)]
         else:
-            scene_clips = [SceneClip(0, probe.num_frames, probe.fps)]
-        if not scene_clips:
-            rejection = _rejection(task, "split", "no_clips", f"no shot is at least {job.split.min_clip_s:g} s long")
+            whole = SceneClip(0, probe.num_frames, probe.fps)
+            scored = [(whole, _score_or_error(task.path, probe, whole, job.filter) if "filter" in job.stages else None)]
+        if not scored:
+            rejection = _rejection(task, "split", "no_clips", f"no shot is at least {split_config.min_clip_s:g} s long")
             return {"video_id": task.video_id, "clips": [], "rejection": rejection, "seconds": time.perf_counter() - started}
         rows = []
-        for index, clip in enumerate(scene_clips):
+        for index, (clip, scores) in enumerate(scored):
             stage = "filter"
             row = _clip_row(task, probe, clip, index)
-            if "filter" in job.stages:
-                try:
-                    scores = score_clip(task.path, probe, clip, job.filter)
-                except MugenError as error:  # one undecodable clip drops that clip, not the video
-                    scores, reasons = {}, [f"score_error: {error}"]
-                else:
-                    reasons = filter_reasons(scores, job.filter)
+            if scores is not None:
+                reasons = scores.pop("_error", None) or filter_reasons(scores, job.filter)
                 row.update({f"{SCORE_PREFIX}{name}": value for name, value in scores.items()})
                 row["filter_reasons"] = reasons
                 row["passed_filters"] = not reasons
@@ -280,6 +279,14 @@ def curate_video(job: VideoJob) -> dict:
         logger.debug("video %s failed in %s:\n%s", task.path, stage, traceback.format_exc())
         rejection = _rejection(task, stage, "error", f"{type(error).__name__}: {error}")
     return {"video_id": task.video_id, "clips": [], "rejection": rejection, "seconds": time.perf_counter() - started}
+
+
+def _score_or_error(path: str, probe, clip: SceneClip, config: FilterConfig) -> dict:
+    """Scores of one clip; an undecodable clip gets {"_error": [reason]} and is dropped, not the video."""
+    try:
+        return score_clip(path, probe, clip, config)
+    except MugenError as error:
+        return {"_error": [f"score_error: {error}"]}
 
 
 def _clip_row(task: VideoTask, probe, clip: SceneClip, index: int) -> dict:

@@ -2,7 +2,7 @@
 
 usage: python _c2_resume_run.py INPUT OUTPUT CALL_LOG [HANG_ON_FILE_NAME]
 
-Every call of the split stage appends the video's file name to CALL_LOG (flushed to disk before
+Every call of the probe stage appends the video's file name to CALL_LOG (flushed to disk before
 the stage runs); the video named HANG_ON blocks forever, so the test can SIGKILL the run at a
 known point: after every earlier video finished and while this one is in flight.
 """
@@ -19,10 +19,10 @@ from _c2_pipeline_config import lenient_config  # noqa: E402
 
 input_dir, output_dir, call_log = sys.argv[1:4]
 hang_on = sys.argv[4] if len(sys.argv) > 4 else None
-original_split = pipeline.split_scenes
+original_probe = pipeline.probe_video
 
 
-def logged_split(path, probe, config):
+def logged_probe(path):
     with open(call_log, "a") as handle:
         handle.write(Path(path).name + "\n")
         handle.flush()
@@ -30,8 +30,8 @@ def logged_split(path, probe, config):
     if Path(path).name == hang_on:
         while True:
             time.sleep(1)
-    return original_split(path, probe, config)
+    return original_probe(path)
 
 
-pipeline.split_scenes = logged_split
+pipeline.probe_video = logged_probe
 pipeline.run_curation(input_dir, output_dir, lenient_config(), stages=("probe", "split", "filter", "dedup"), write_report_files=False)

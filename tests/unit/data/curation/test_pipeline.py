@@ -81,14 +81,14 @@ def test_parse_stages_and_config_errors(tmp_path):
 def test_failures_in_one_video_are_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
     inputs = _videos(tmp_path / "in", ("a", "b", "c"))
     (tmp_path / "in" / "empty.mp4").write_bytes(b"")
-    original = pipeline.split_scenes
+    original = pipeline.split_and_score
 
-    def split_or_crash(path, probe, config):
+    def split_or_crash(path, probe, split_config, filter_config):
         if Path(path).name == "b.mp4":
             raise RuntimeError("detector exploded")
-        return original(path, probe, config)
+        return original(path, probe, split_config, filter_config)
 
-    monkeypatch.setattr(pipeline, "split_scenes", split_or_crash)
+    monkeypatch.setattr(pipeline, "split_and_score", split_or_crash)
     result = run_curation(inputs, tmp_path / "out", lenient_config(), stages=("probe", "split", "filter"), write_report_files=False)
     rejections = {Path(r["source_path"]).name: r for r in _rows(result.rejections)}
     assert set(rejections) == {"b.mp4", "empty.mp4"}
@@ -160,15 +160,15 @@ def test_killed_run_resumes_without_recomputing_or_duplicating(tmp_path, monkeyp
     before = {path: path.stat().st_mtime_ns for path in shards + sorted((output / "clips").rglob("*.mp4"))}
     assert any(path.suffix == ".mp4" for path in before)
 
-    # Restart in this process, recording which videos reach the split stage.
+    # Restart in this process, recording which videos are worked on (every one starts with probe).
     calls = []
-    original = pipeline.split_scenes
+    original = pipeline.probe_video
 
-    def recording_split(path, probe, config):
+    def recording_probe(path):
         calls.append(Path(path).name)
-        return original(path, probe, config)
+        return original(path)
 
-    monkeypatch.setattr(pipeline, "split_scenes", recording_split)
+    monkeypatch.setattr(pipeline, "probe_video", recording_probe)
     stages = ("probe", "split", "filter", "dedup")
     result = run_curation(inputs, output, lenient_config(), stages=stages, write_report_files=False)
     assert calls == ["c.mp4", "d.mp4"]  # a and b were not recomputed
