@@ -25,7 +25,7 @@ Scores (all written to the manifest, thresholds from the seed are the defaults):
 - post-processing, weight-free: `border_fraction` (share of the frame taken by letterbox /
   pillarbox bars, from rows/columns that stay dark and flat in every sampled frame) and `shake`
   (camera shake: RMS of the second difference of the global translation, estimated by phase
-  correlation over 9 consecutive middle frames at 240p, reported in pixels per frame^2 at 480p).
+  correlation over 9 consecutive middle frames at 144p, reported in pixels per frame^2 at 480p).
 - post-processing, model-based: any `ClipClassifier` (text overlays, special effects, speed
   changes, e.g. a local VLM) registered with `register_classifier`; its scores are stored as
   `classifier.<label>` and compared with `FilterConfig.classifier_max_scores`.
@@ -105,6 +105,7 @@ class FilterConfig:
     border_max_fraction: float = 0.2  # drop clips whose letterbox/pillarbox bars cover more
     shake_max: float = 2.0  # drop clips whose global-motion jitter (px/frame^2 at 480p) is larger
     shake_frames: int = 9  # consecutive middle frames used for the shake estimate
+    shake_short_side: int = 144  # shake is estimated on frames this small (and reported at 480p)
     classifiers: tuple[ClipClassifier, ...] = ()
     classifier_max_scores: dict[str, float] = field(default_factory=dict)  # label -> max allowed
 
@@ -124,6 +125,10 @@ class FilterConfig:
             )
         if self.shake_frames < 3:
             raise MugenError(f"shake_frames={self.shake_frames} must be at least 3")
+        if not 16 <= self.shake_short_side <= self.processing_short_side:
+            raise MugenError(
+                f"shake_short_side={self.shake_short_side} must be between 16 and processing_short_side={self.processing_short_side}"
+            )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,7 +359,7 @@ def _scores_from_frames(
     config: FilterConfig,
 ) -> dict:
     """Scores from the sampled frames: `frames` maps each pair's frame index to a grey (H, W) or
-    RGB (H, W, 3) frame at the processing size; `shake_frames` are grey at half that size."""
+    RGB (H, W, 3) frame at the processing size; `shake_frames` are grey at the shake size."""
     grey = {i: (cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) if f.ndim == 3 else f) for i, f in frames.items()}
     sharpness_values = [laplacian_variance(grey[first]) for first, _ in pairs]
     scores: dict = {
@@ -364,7 +369,11 @@ def _scores_from_frames(
         "motion": mean_flow_magnitude([(grey[a], grey[b]) for a, b in pairs], _flow_function(config)),
         "motion_backend": config.motion_backend,
         "border_fraction": border_fraction([grey[first] for first, _ in pairs]),
-        "shake": camera_shake(shake_frames, scale=2.0) if len(shake_frames) >= 3 else None,
+        "shake": (
+            camera_shake(shake_frames, scale=config.processing_short_side / min(shake_frames[0].shape))
+            if len(shake_frames) >= 3
+            else None
+        ),
     }
     if config.aesthetic_clip_dir is None:
         scores["aesthetic"] = None
@@ -380,11 +389,11 @@ def _scores_from_frames(
 def score_clip(path: str | os.PathLike, probe: VideoProbe, clip: SceneClip, config: FilterConfig) -> dict:
     """All filter scores of one clip, decoding only its sampled frames at the processing size:
     3 pairs at 480p (sharpness, motion, borders, aesthetics, classifiers) and `shake_frames`
-    consecutive middle frames at 240p (shake)."""
+    consecutive middle frames at 144p (shake)."""
     pairs = sample_pairs(clip)
     shake_indices = shake_frame_indices(clip, config.shake_frames)
     size = processing_size(probe, config.processing_short_side)
-    shake_size = processing_size(probe, config.processing_short_side // 2)
+    shake_size = processing_size(probe, config.shake_short_side)
     pair_indices = {i for pair in pairs for i in pair}
     frames = read_frames(path, probe.fps, pair_indices, size=size, pixel_format="rgb24" if _needs_rgb(config) else "gray")
     shake = read_frames(path, probe.fps, shake_indices, size=shake_size, pixel_format="gray")
@@ -407,7 +416,8 @@ def split_and_score(
     Every frame is decoded once. Each is scaled to the small analysis size for the splitter; the
     frames the filters may need are also scaled to the processing size as they go by and kept
     until their clip is final: a pair (i, i + 1) for every i that is a multiple of `pair_stride`,
-    and `shake_frames` consecutive frames from every multiple of `shake_stride` (at half size).
+    and `shake_frames` consecutive frames from every multiple of `shake_stride` (the analysis
+    frames themselves, at the default 144p shake size).
     A clip's sample pairs are the grid pairs nearest its start, middle and end (`sample_pairs(clip,
     pair_stride)`), so they sit at most `pair_stride - 1` frames from where `score_clip` samples.
     Kept frames are dropped once the splitter has emitted every clip they could belong to, so
@@ -420,7 +430,9 @@ def split_and_score(
         )
     splitter = StreamingSplitter(probe, split_config)
     size = processing_size(probe, filter_config.processing_short_side)
-    shake_size = processing_size(probe, filter_config.processing_short_side // 2)
+    shake_size = processing_size(probe, filter_config.shake_short_side)
+    # The splitter's analysis frames serve the shake estimate when they have its size (the default).
+    shake_from_analysis = shake_size == splitter.analysis_size
     pair_format = "rgb24" if _needs_rgb(filter_config) else "gray"
     kept_pairs: dict[int, np.ndarray] = {}
     kept_shake: dict[int, np.ndarray] = {}
@@ -445,9 +457,12 @@ def split_and_score(
     for index, frame in iter_video_frames(path, probe.fps):
         if index % pair_stride < 2:
             kept_pairs[index] = convert_frame(frame, size, pair_format)
+        analysis = convert_frame(frame, splitter.analysis_size, "bgr24")
         if index % shake_stride < filter_config.shake_frames:
-            kept_shake[index] = convert_frame(frame, shake_size, "gray")
-        score_final(splitter.push(index, convert_frame(frame, splitter.analysis_size, "bgr24")))
+            kept_shake[index] = (
+                cv2.cvtColor(analysis, cv2.COLOR_BGR2GRAY) if shake_from_analysis else convert_frame(frame, shake_size, "gray")
+            )
+        score_final(splitter.push(index, analysis))
     score_final(splitter.finish())
     return results
 

