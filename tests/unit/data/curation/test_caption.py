@@ -19,9 +19,13 @@ from mugen.errors import MugenError
 
 
 @pytest.fixture(scope="module")
-def captioner(tmp_path_factory):
-    folder = build_tiny_qwen2vl(tmp_path_factory.mktemp("tiny_qwen2vl"))
-    return QwenVLCaptioner(folder, CaptionConfig(frames_per_clip=2, frame_short_side=56, batch_size=2, max_new_tokens=5, device="cpu"))
+def tiny_vlm_dir(tmp_path_factory):
+    return build_tiny_qwen2vl(tmp_path_factory.mktemp("tiny_qwen2vl"))
+
+
+@pytest.fixture(scope="module")
+def captioner(tiny_vlm_dir):
+    return QwenVLCaptioner(tiny_vlm_dir, CaptionConfig(frames_per_clip=2, frame_short_side=56, batch_size=2, max_new_tokens=5, device="cpu"))
 
 
 def _row(video, clip_id="v-0000", start=0, end=30, **extra):
@@ -128,3 +132,20 @@ def test_clip_frames_are_upright_and_shrunk(tmp_path):
     # a written clip is read from its own file, from its frame 0
     written = clip_frames(_row(video, start=100, end=130, clip_path="v.mp4"), tmp_path, config)
     assert all(np.array_equal(a, b) for a, b in zip(written, frames))
+
+
+def test_caption_stage_of_a_manifest_through_the_cli(tiny_vlm_dir, tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    from mugen.cli import main
+
+    write_scrolling_video(tmp_path / "in" / "a.mp4", num_frames=30)
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"caption": {"frames_per_clip": 2, "frame_short_side": 56, "max_new_tokens": 4, "device": "cpu"}}))
+    output = tmp_path / "out"
+    assert main(["curate", "--input", str(tmp_path / "in"), "--output", str(output), "--stages", "probe", "--config", str(config)]) == 0
+    assert main(["curate", "caption", "--manifest", str(output / "manifest.parquet"), "--vlm", str(tiny_vlm_dir), "--config", str(config)]) == 0
+    assert "vlm 1" in capsys.readouterr().out
+    (row,) = pq.read_table(output / "manifest.parquet").to_pylist()
+    assert row["caption_source"] == "vlm" and isinstance(row["caption"], str)
+    assert (output / ".work" / "captions" / f"{row['video_id']}.json").is_file()
