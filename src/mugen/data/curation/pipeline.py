@@ -410,19 +410,19 @@ def run_curation(
         VideoJob(task, str(output_dir), tuple(stages), config.split, config.filter, config.clips, config.hash_method)
         for task in todo
     )
+    # A worker process that died (not a video that failed: `curate_video` records those itself)
+    # takes the videos in flight with it; they get no shard, so a restart tries them again.
+    crashed: dict[str, dict] = {}
     if todo:
         pool = make_executor(executor, workers, ray_address)
         try:
             with tqdm(total=len(todo), desc="videos", unit="video") as progress:
                 for job, outcome in pool.map_unordered(curate_video, jobs):
-                    if isinstance(outcome, BaseException):  # the worker itself died
-                        outcome = {
-                            "video_id": job.task.video_id,
-                            "clips": [],
-                            "rejection": _rejection(job.task, "worker", "crash", f"{type(outcome).__name__}: {outcome}"),
-                            "seconds": 0.0,
-                        }
-                    shards.write(outcome)
+                    if isinstance(outcome, BaseException):
+                        message = f"the worker process died ({type(outcome).__name__}: {outcome}); a restart retries it"
+                        crashed[job.task.video_id] = _rejection(job.task, "worker", "crash", message)
+                    else:
+                        shards.write(outcome)
                     progress.update(1)
         finally:
             pool.close()
@@ -431,6 +431,9 @@ def run_curation(
     rows: list[dict] = []
     rejections: list[dict] = []
     for task in tasks:
+        if task.video_id in crashed:
+            rejections.append(crashed[task.video_id])
+            continue
         result = shards.read(task.video_id)
         rows += result["clips"]
         if result["rejection"] is not None:

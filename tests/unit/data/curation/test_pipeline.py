@@ -219,3 +219,31 @@ def test_manifest_stages_run_alone(tmp_path):
         run_manifest_stage("caption", result.manifest, config)
     with pytest.raises(MugenError, match="cannot run on a manifest"):
         run_manifest_stage("split", result.manifest, config)
+
+
+def test_videos_lost_with_a_dead_worker_are_retried_on_restart(tmp_path, monkeypatch):
+    from concurrent.futures.process import BrokenProcessPool
+
+    from mugen.data.curation import executors
+
+    class DyingWorkerExecutor(executors.InlineExecutor):
+        """Reports b.mp4 as lost with its worker process, runs the others."""
+
+        def map_unordered(self, function, items):
+            for item in items:
+                if item.task.path.endswith("b.mp4"):
+                    yield item, BrokenProcessPool("a worker process died")
+                else:
+                    yield item, function(item)
+
+    inputs = _videos(tmp_path / "in", ("a", "b"))
+    stages = ("probe", "split", "filter")
+    monkeypatch.setattr(executors, "make_executor", lambda *args, **kwargs: DyingWorkerExecutor())
+    result = run_curation(inputs, tmp_path / "out", lenient_config(), stages=stages, write_report_files=False)
+    (rejection,) = _rows(result.rejections)
+    assert rejection["source_path"].endswith("b.mp4") and (rejection["stage"], rejection["reason"]) == ("worker", "crash")
+    assert {Path(r["source_path"]).name for r in _rows(result.manifest)} == {"a.mp4"}
+    monkeypatch.undo()
+    again = run_curation(inputs, tmp_path / "out", lenient_config(), stages=stages, write_report_files=False)
+    assert again.videos_processed == 1 and again.rejected_videos == 0  # only b was redone
+    assert {Path(r["source_path"]).name for r in _rows(again.manifest)} == {"a.mp4", "b.mp4"}
