@@ -247,3 +247,29 @@ def test_videos_lost_with_a_dead_worker_are_retried_on_restart(tmp_path, monkeyp
     again = run_curation(inputs, tmp_path / "out", lenient_config(), stages=stages, write_report_files=False)
     assert again.videos_processed == 1 and again.rejected_videos == 0  # only b was redone
     assert {Path(r["source_path"]).name for r in _rows(again.manifest)} == {"a.mp4", "b.mp4"}
+
+
+def test_manifest_schema_round_trip_and_checks(tmp_path):
+    from mugen.data.curation.manifest import clip_schema, read_clip_manifest, write_clip_manifest
+
+    base = {"clip_id": "v-0000", "video_id": "v", "source_path": "/x/v.mp4", "start_frame": 0, "end_frame": 10}
+    rows = [
+        {**base, "score_sharpness": 250, "score_motion_backend": "dis", "score_aesthetic": None},
+        {**base, "clip_id": "v-0001", "score_sharpness": 12.5, "score_aesthetic": 5.1, "tag_subjects": ["dog"]},
+    ]
+    schema = clip_schema(rows)
+    assert str(schema.field("score_sharpness").type) == "double" and str(schema.field("score_motion_backend").type) == "string"
+    path = write_clip_manifest(tmp_path / "manifest.parquet", rows)
+    back = read_clip_manifest(path)
+    assert [r["score_sharpness"] for r in back] == [250.0, 12.5] and back[0]["score_aesthetic"] is None
+    assert back[0]["tag_subjects"] == [] and back[1]["tag_subjects"] == ["dog"]  # defaults filled in
+    assert back[0]["keep"] is True and back[0]["duplicate_of"] is None
+    with pytest.raises(MugenError, match="twice"):
+        write_clip_manifest(tmp_path / "m2.parquet", [rows[0], rows[0]])
+    with pytest.raises(ValueError, match="does not know"):
+        clip_schema([{**base, "sharpness": 1.0}])  # scores must carry the score_ prefix
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"sample_id": ["a"], "latent_path": ["a.safetensors"]}), tmp_path / "training.parquet")
+    with pytest.raises(MugenError, match="not a curation manifest"):
+        read_clip_manifest(tmp_path / "training.parquet")
