@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 
 import av
@@ -152,14 +153,21 @@ def iter_frames(
 
 
 def keyframe_indices(path: str | os.PathLike, fps: float) -> list[int]:
-    """Frame numbers of the keyframes, read by demuxing packets (no decoding)."""
+    """Frame numbers of the keyframes, read by demuxing packets (no decoding). Cached per file
+    version, so scoring many clips of one long video demuxes it once."""
+    stat = Path(path).stat()
+    return list(_keyframe_indices(str(path), stat.st_mtime_ns, stat.st_size, float(fps)))
+
+
+@lru_cache(maxsize=64)
+def _keyframe_indices(path: str, mtime_ns: int, size: int, fps: float) -> tuple[int, ...]:
     with open_video_stream(path) as (container, stream):
         indexer = _FrameIndexer(stream, fps)
         keys = []
         for packet in container.demux(stream):
             if packet.is_keyframe and packet.pts is not None:
                 keys.append(int(round((packet.pts - indexer.start) * indexer.time_base * fps)))
-    return sorted(keys)
+    return tuple(sorted(keys))
 
 
 def read_frames(
