@@ -127,6 +127,10 @@ def main() -> int:
     parser.add_argument("--output", default=str(RESULTS / "curation_throughput"), help="results path without suffix")
     args = parser.parse_args()
 
+    # The commit the measured code is at (taken before any work; "+dirty" if files were changed).
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "src", "benchmarks"], capture_output=True, text=True).stdout.strip()
+    commit += "+dirty" if dirty else ""
     os.sched_setaffinity(0, {args.core})  # FFmpeg's automatic thread count follows the affinity: 1
     cv2.setNumThreads(1)
     with tempfile.TemporaryDirectory() as scratch:
@@ -146,7 +150,6 @@ def main() -> int:
     ours_rate = statistics.median(per_minute(r["mugen"]) for r in rounds)
     base_rate = statistics.median(per_minute(r["baseline"]) for r in rounds)
     ratios = [per_minute(r["mugen"]) / per_minute(r["baseline"]) for r in rounds]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     record = {
         "command": "PYTHONPATH=src python " + " ".join(sys.argv),
         "machine": machine(),
