@@ -389,6 +389,8 @@ def run_curation(
     config = config or CurationConfig()
     output_dir = Path(output_dir)
     tasks = inputs if isinstance(inputs, list) else list_inputs(inputs)
+    inside_output = output_dir.resolve()
+    tasks = [task for task in tasks if inside_output not in Path(task.path).parents]  # our own clips are no input
     if not tasks:
         raise MugenError("no videos to curate; give --input a folder of videos or a list file")
     if output_dir.exists() and not output_dir.is_dir():

@@ -111,6 +111,14 @@ def test_failures_in_one_video_are_recorded_and_the_run_goes_on(tmp_path, monkey
         assert all(first[1] <= second[0] for first, second in zip(ranges, ranges[1:]))
 
 
+def test_clips_of_an_output_inside_the_input_are_not_curated_again(tmp_path):
+    inputs = _videos(tmp_path / "in", ("a",))
+    first = run_curation(inputs, inputs / "out", lenient_config(), stages=("probe",), write_report_files=False)
+    assert (inputs / "out" / _rows(first.manifest)[0]["clip_path"]).is_file()
+    again = run_curation(inputs, inputs / "out", lenient_config(), stages=("probe",), write_report_files=False)
+    assert again.videos == 1 and again.videos_processed == 0
+
+
 def test_references_mode_and_stages_without_split_or_filter(tmp_path):
     config = lenient_config()
     config.clips.mode = "references"
