@@ -33,6 +33,7 @@ fixtures from ``scripts/make_reference_vae_fixtures.py``.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -40,9 +41,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from mugen.atomic import write_atomically, write_text_atomically
 from mugen.errors import MugenError
 from mugen.models.vae.frames import FRAMES_PER_LATENT
 from mugen.train.checkpoint import state_dict_differences
@@ -62,6 +64,7 @@ RELEASED_LATENT_SCALE = (
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 SAFETENSORS_SUFFIX = ".safetensors"
+CONFIG_SUFFIX = ".config.json"  # beside vae.pt, only for sizes other than the release's
 
 
 @dataclass
@@ -469,8 +472,9 @@ class ReleasedVideoVAE(nn.Module):
 
     Main calls (video in [-1, 1], latents normalised with the released shift/scale):
 
-    * ``encode(video (B, 3, T, H, W)) -> (B, 24, T', H/8, W/8)``; ``T = 1 + 8k`` gives ``1 + k``
-      latents (first frame on its own), ``T = 8k`` gives ``k``.
+    * ``encode(video (B, 3, T, H, W), generator=None) -> (B, 24, T', H/8, W/8)``; ``T = 1 + 8k``
+      gives ``1 + k`` latents (first frame on its own), ``T = 8k`` gives ``k``; samples the
+      posterior as the release does (``sample_posterior=False``: its mean).
     * ``decode(latents, num_frames=None) -> (B, 3, num_frames or 8t, H, W)`` (not clamped).
 
     and mugen's VAE interface (``encode_to_latents``, ``encode_images``, ``decode_from_latents``)
@@ -577,21 +581,22 @@ class ReleasedVideoVAE(nn.Module):
                 f"video has shape {tuple(video.shape)}; expected (B, {self.config.image_channels}, T, H, W) "
                 "with values in [-1, 1] and T >= 1"
             )
-        if video.shape[3] % factor or video.shape[4] % factor or not video.shape[3] * video.shape[4]:
+        if video.shape[3] < factor or video.shape[4] < factor:
             raise MugenError(
-                f"video has shape {tuple(video.shape)}; H and W must be positive multiples of {factor}; "
-                "crop or resize the frames"
+                f"video has shape {tuple(video.shape)}; H and W must be at least {factor} (the image "
+                f"autoencoder halves them 3 times); resize the frames"
             )
 
-    def encode(self, video: Tensor, sample_posterior: bool = False, generator: torch.Generator | None = None) -> Tensor:
-        """Video (B, 3, T, H, W) in [-1, 1] -> normalised latents (B, 24, T', H/8, W/8).
+    def encode(self, video: Tensor, generator: torch.Generator | None = None, sample_posterior: bool = True) -> Tensor:
+        """Video (B, 3, T, H, W) in [-1, 1] -> normalised latents (B, 24, T', H // 8, W // 8).
 
-        As released: a clip of ``1 + 8k`` frames gets 7 copies of frame 0 in front, then the
-        features are encoded ``micro_frame_size`` frames at a time. ``sample_posterior`` draws
-        ``mean + std * noise`` the way the release does (the release always samples): one float32
-        CPU draw of each chunk's shape, from ``generator`` or, if None, torch's global CPU RNG
-        (so ``torch.manual_seed(s)`` before both gives the reference's latent). Otherwise the
-        posterior mean.
+        As released: a clip of ``1 + 8k`` frames gets 7 copies of frame 0 in front (T' = 1 + k;
+        T = 8k gives k), then the features are encoded ``micro_frame_size`` frames at a time, and
+        the posterior is *sampled* (``mean + std * noise``): one float32 CPU draw of each chunk's
+        shape, from ``generator`` or, if None, torch's global CPU RNG (so ``torch.manual_seed(s)``
+        before both gives the reference's latent bit for bit). ``sample_posterior=False`` gives
+        the posterior mean. H and W need not be multiples of 8 (the release's 1110 and 1108 are
+        not): the strided convolutions floor them, 1110 -> 138 latents -> 1104 decoded pixels.
         """
         self._check_video(video)
         video = video.to(self._dtype())
@@ -662,7 +667,7 @@ class ReleasedVideoVAE(nn.Module):
                 f"video has shape {tuple(video.shape)}; encode_to_latents takes (B, 3, T, H, W) with T a multiple "
                 f"of {FRAMES_PER_LATENT}; use encode() or mugen.models.vae.frames.encode_clip for 1 + 8k frames"
             )
-        return self.encode(video, sample_posterior=sample, generator=generator)
+        return self.encode(video, generator=generator, sample_posterior=sample)
 
     def encode_images(self, images: Tensor, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
         """Images (B, 3, H, W) -> normalised latents (B, 24, 1, H/8, W/8): 8 copies of the frame,
@@ -672,7 +677,7 @@ class ReleasedVideoVAE(nn.Module):
                 f"images have shape {tuple(images.shape)}; expected (B, {self.config.image_channels}, H, W)"
             )
         frames = images.unsqueeze(2).expand(-1, -1, FRAMES_PER_LATENT, -1, -1)
-        return self.encode(frames, sample_posterior=sample, generator=generator)
+        return self.encode(frames, generator=generator, sample_posterior=sample)
 
     def decode_from_latents(self, latents: Tensor, window: int | None = None) -> Tensor:
         """Normalised latents (B, 24, t, h, w) -> video (B, 3, 8t, 8h, 8w) clamped to [-1, 1].
@@ -762,8 +767,48 @@ def check_released_state_dict(state_dict: dict[str, Tensor], model: ReleasedVide
     raise MugenError(
         f"VAE checkpoint {source} does not fit the released VAE: {'; '.join(problems)}. The file has "
         f"{describe_released_size(state_dict)}; expected {expected}. Pass the released vae.pt, or the "
-        "ReleasedVAEConfig the file was saved with"
+        f"ReleasedVAEConfig the file was saved with (as {released_config_path(source).name} beside it)"
     )
+
+
+def released_config_path(path: str | os.PathLike) -> Path:
+    """Where a non-release ``ReleasedVAEConfig`` is kept beside its weights: ``vae.pt`` -> ``vae.config.json``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}{CONFIG_SUFFIX}")
+
+
+def read_released_config(path: str | os.PathLike) -> ReleasedVAEConfig:
+    """The config beside ``path`` (``released_config_path``), or the release's sizes when there is none."""
+    config_path = released_config_path(path)
+    if not config_path.is_file():
+        return ReleasedVAEConfig()
+    try:
+        values = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise MugenError(f"cannot read VAE config {config_path}: {error}; fix or delete it (no file = the release's sizes)") from error
+    if not isinstance(values, dict):
+        raise MugenError(f"VAE config {config_path} holds a {type(values).__name__}, expected a JSON object of ReleasedVAEConfig fields")
+    return ReleasedVAEConfig.from_dict(values)
+
+
+def save_released_vae(model: ReleasedVideoVAE, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+    """Write the ``vae.pt`` layout (``torch.save`` of a plain ``{name: tensor}`` dict; ``.safetensors``
+    by suffix), atomically. A model not of the release's sizes also gets ``<stem>.config.json``."""
+    path = Path(path)
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().to("cpu")
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        tensors[name] = tensor.contiguous().clone()  # owns its storage: no views into the model
+    config_path = released_config_path(path)
+    if model.config != ReleasedVAEConfig():
+        write_text_atomically(config_path, json.dumps(model.config.to_dict(), indent=2) + "\n")
+    elif config_path.exists():
+        config_path.unlink()  # a stale config would resize the release
+    if path.suffix.lower() == SAFETENSORS_SUFFIX:
+        return write_atomically(path, lambda temporary: save_file(tensors, str(temporary), metadata={"format": "pt"}))
+    return write_atomically(path, lambda temporary: torch.save(tensors, temporary))
 
 
 def load_released_vae(
@@ -772,11 +817,15 @@ def load_released_vae(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
 ) -> ReleasedVideoVAE:
-    """Build ``ReleasedVideoVAE(config)`` (default: the release's sizes) and load ``vae.pt`` strictly.
+    """Build ``ReleasedVideoVAE`` and load ``vae.pt`` (or a ``.safetensors`` of it) strictly.
 
-    The file's names are the model's names (no adapter). Returns the model in eval mode on
-    ``device``, cast to ``dtype`` if given (the release runs it in bfloat16).
+    ``config`` None: the config beside the file (``vae.config.json``, written by
+    ``save_released_vae`` for reduced sizes) or else the release's sizes. The file's names are the
+    model's names (no adapter). Returns the model in eval mode on ``device``, cast to ``dtype`` if
+    given (the release runs it in bfloat16). Missing, truncated or differently sized files raise
+    MugenError naming the file, what is wrong and what was expected.
     """
+    config = config or read_released_config(path)
     state_dict = read_released_state_dict(path)
     with torch.device("meta"):
         model = ReleasedVideoVAE(config)
@@ -784,6 +833,24 @@ def load_released_vae(
     model.load_state_dict(state_dict, strict=True, assign=True)
     model.logvar.requires_grad_(False)
     model = model.to(device)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()
+
+
+def build_released_vae_random(
+    config: ReleasedVAEConfig | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    seed: int = 0,
+) -> ReleasedVideoVAE:
+    """The released VAE with PyTorch's default random init (for timing and memory, not pictures),
+    built directly on ``device``; the global RNG is left as it was."""
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        with device:
+            model = ReleasedVideoVAE(config)
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()
