@@ -34,6 +34,8 @@ Outputs (in ``--output``):
     state_dict.safetensors   the reference VAE's state dict (official names, as in vae.pt)
     cases.safetensors        inputs and outputs, float32 (``*_fp32``) and bfloat16 (``*_bf16``) runs
     reference_vae.json       reference kwargs, mugen's ReleasedVAEConfig, cases, provenance
+    released_vae_state_dict.tsv   names and shapes of the reference VAE at the release's size
+                                  (built on the meta device): the layout of the released vae.pt
 """
 
 from __future__ import annotations
@@ -86,25 +88,40 @@ def mugen_config() -> dict:
     )
 
 
-def build_reference(reference: Path):
-    """The reference MUGVAE at the reduced size, built through its own constructor."""
-    sys.path.insert(0, str(reference))
+RELEASED_IMAGE_KWARGS = dict(IMAGE_KWARGS, block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)
+
+
+def build_reference(reference: Path, released_size: bool = False):
+    """The reference MUGVAE built through its own constructor: reduced (default) or at the release's size."""
+    if str(reference) not in sys.path:
+        sys.path.insert(0, str(reference))
     import mug_v.encoder.vae.vae as reference_vae
     from mug_v.encoder.vae.vae2d import AutoencoderKL
+    from mug_v.encoder.vae.vae_temporal import MUGVAETemporal
 
-    def reduced_image_autoencoder(*_, use_quant_conv=True, use_post_quant_conv=True, **__):
-        return AutoencoderKL(**IMAGE_KWARGS, use_quant_conv=use_quant_conv, use_post_quant_conv=use_post_quant_conv)
+    image_kwargs = RELEASED_IMAGE_KWARGS if released_size else IMAGE_KWARGS
 
-    released_temporal = reference_vae.MUGVAETemporal
+    def image_autoencoder(*_, use_quant_conv=True, use_post_quant_conv=True, **__):
+        return AutoencoderKL(**image_kwargs, use_quant_conv=use_quant_conv, use_post_quant_conv=use_post_quant_conv)
 
     def reduced_temporal(**kwargs):
         kwargs.update(TEMPORAL_OVERRIDES, in_out_channels=IMAGE_KWARGS["block_out_channels"][-1])
-        return released_temporal(**kwargs)
+        return MUGVAETemporal(**kwargs)
 
-    reference_vae.AutoencoderKL = types.SimpleNamespace(from_pretrained=reduced_image_autoencoder)
-    reference_vae.MUGVAETemporal = reduced_temporal
+    reference_vae.AutoencoderKL = types.SimpleNamespace(from_pretrained=image_autoencoder)
+    reference_vae.MUGVAETemporal = MUGVAETemporal if released_size else reduced_temporal
+    if released_size:
+        return reference_vae.MUGVAE()  # the release's micro sizes (4 frames, 48 frames)
     model = reference_vae.MUGVAE(micro_batch_size=MICRO_BATCH_SIZE, micro_frame_size=MICRO_FRAME_SIZE)
     return model.eval()
+
+
+def write_released_layout(reference: Path, path: Path) -> None:
+    """Names and shapes of the reference's state dict at the release's size: what vae.pt holds."""
+    with torch.device("meta"):
+        model = build_reference(reference, released_size=True)
+    lines = [f"{name}\t{'x'.join(map(str, tensor.shape))}" for name, tensor in model.state_dict().items()]
+    path.write_text("name\tshape\n" + "\n".join(lines) + "\n", encoding="utf-8")
 
 
 def on_bfloat16_grid(tensor: torch.Tensor) -> torch.Tensor:
@@ -181,6 +198,7 @@ def main() -> None:
     model.float()
 
     args.output.mkdir(parents=True, exist_ok=True)
+    write_released_layout(args.reference, args.output / "released_vae_state_dict.tsv")
     stored = {name: (t.to(torch.bfloat16) if name not in ("shift", "scale", "logvar") else t).contiguous() for name, t in state.items()}
     save_file(stored, str(args.output / "state_dict.safetensors"), metadata={"format": "pt"})
     cases_stored = {name: (t.to(torch.bfloat16) if name in ("video", "image") else t) for name, t in cases.items()}
