@@ -242,6 +242,12 @@ def release_velocity(
     return velocity_negative + guidance_scale * (velocity_prompt - velocity_negative)
 
 
+def _blend_noise(clean: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+    """The reference's noising at model time t (B,): ``(1 - t/1000) clean + (t/1000) noise`` in float32."""
+    keep = (1 - t.float() / NUM_TIMESTEPS)[:, None, None, None, None]  # (B, 1, 1, 1, 1)
+    return keep * clean + (1 - keep) * noise
+
+
 @torch.no_grad()
 def release_sample(
     dit,
@@ -250,39 +256,50 @@ def release_sample(
     noise: Tensor,
     noisy_frames: Tensor,
     timesteps: list[Tensor],
+    generator: torch.Generator | None = None,
     fps: float = RELEASE_FPS,
     guidance_scale: float = RELEASE_GUIDANCE,
     show_progress: bool = False,
     trace: list | None = None,
 ) -> Tensor:
-    """Euler integration as the release samples (see the module docstring).
+    """Euler integration with the release's frame masks (see the module docstring).
 
     start: (B, C, T, h, w) latents in the pipeline dtype whose clean frames hold the conditioning
     latents; noise: the starting noise, same shape and dtype; noisy_frames: (B, T) bool, False =
-    conditioned; text: 2B rows, [prompts, negatives]. Returns float32 latents. ``trace`` collects
-    the state after every step.
+    conditioned; text: 2B rows, [prompts, negatives]; generator: the device generator the starting
+    noise came from (each step draws a fresh noise tensor from it, as the reference does). Returns
+    float32 latents; ``trace`` collects the state the DiT sees at every step.
+
+    The reference's frame bookkeeping, kept exactly: a frame takes part in a step only while
+    ``1000 * noisy >= t`` (with a 0/1 mask: noisy frames, unless rounding puts t above 1000, as the
+    float32 shift of small sizes does at the first step, which then changes nothing); a frame that
+    joins after sitting out is re-noised to t with that step's fresh draw; frames sitting out keep
+    their state and are modulated as clean (t = 0) by the DiT.
     """
     batch, _, frames = start.shape[:3]
     device = start.device
-    noisy_5d = noisy_frames[:, None, :, None, None]
-    # t_0 is exactly 1000 (noise weight 1); the reference still blends: (1 - s) x0 + s noise, float32.
-    noise_weight = timesteps[0].float() / NUM_TIMESTEPS  # (1,)
-    keep = 1 - noise_weight
-    z = torch.where(noisy_5d, keep[:, None, None, None, None] * start + (1 - keep)[:, None, None, None, None] * noise, start)
-    z = z.float() if z.dtype != torch.float64 else z
+    mask_time = noisy_frames.float() * NUM_TIMESTEPS  # (B, T): 1000 for noisy frames, 0 for conditioned
+    # The first blend: t_0 is (about) 1000, so this is (nearly) the noise; float32 from here on.
+    z = torch.where(noisy_frames[:, None, :, None, None], _blend_noise(start, noise, timesteps[0].expand(batch)), start)
+    noised = noisy_frames.clone()  # frames holding noise at the current level
     fps_tensor = torch.full((2 * batch,), float(fps), device=device)
     frame_indices = torch.arange(frames + 2, device=device).expand(2 * batch, -1)
-    noisy_pair = torch.cat([noisy_frames, noisy_frames])  # (2B, T)
     for step in tqdm(range(len(timesteps)), desc="sampling", disable=not show_progress):
-        t = timesteps[step].expand(batch)
+        t = timesteps[step].expand(batch)  # (B,) float32
         held = z
-        velocity = release_velocity(dit, z, t, text, fps_tensor, frame_indices, noisy_pair, guidance_scale)
+        fresh = torch.randn(z.shape, generator=generator, device=device, dtype=z.dtype)
+        active = mask_time >= t[:, None]  # (B, T) frames this step moves
+        joining = active & ~noised
+        z = torch.where(joining[:, None, :, None, None], _blend_noise(held, fresh, t), held)
+        noised = active
+        active_pair = torch.cat([active, active])  # (2B, T)
+        if trace is not None:
+            trace.append(z.detach().cpu())
+        velocity = release_velocity(dit, z, t, text, fps_tensor, frame_indices, active_pair, guidance_scale)
         t_next = timesteps[step + 1] if step + 1 < len(timesteps) else torch.zeros_like(timesteps[step])
         dt = (timesteps[step] - t_next) / NUM_TIMESTEPS  # (1,) float32
         z = z + velocity * dt[:, None, None, None, None]
-        z = torch.where(noisy_5d, z, held)
-        if trace is not None:
-            trace.append(z.detach().cpu())
+        z = torch.where(active[:, None, :, None, None], z, held)
     return z
 
 
@@ -302,7 +319,7 @@ class ReleaseOutput:
     latents: Tensor  # (1, C, T, h, w) float32 sampled latents (frame 0 = the image latent)
     start_noise: Tensor  # (1, C, T, h, w) the noise sampling started from
     image_latent: Tensor  # (1, C, 1, h, w) the reference image's latent
-    trace: list  # latents after every step (when asked for)
+    trace: list  # the latents the DiT saw at every step (when asked for)
 
 
 class ReleasePipeline:
@@ -368,7 +385,8 @@ class ReleasePipeline:
         """
         height, width = frame_size if frame_size is not None else release_frame_size(aspect_ratio)
         num_frames = num_frames if num_frames is not None else release_num_frames(duration)
-        latent_frames = release_latent_frames(num_frames)
+        micro_frames = getattr(getattr(self.vae, "config", None), "micro_frame_size", VAE_MICRO_FRAMES)
+        latent_frames = release_latent_frames(num_frames, micro_frames)
         latent_h, latent_w = height // VAE_SPATIAL_FACTOR, width // VAE_SPATIAL_FACTOR
         if text is None:
             text = self.encode_text(prompt)
@@ -384,7 +402,8 @@ class ReleasePipeline:
         else:
             picture = load_reference_image(image, (height, width))  # (3, H, W)
         clip = picture[:, None].repeat(1, VAE_TEMPORAL_FACTOR, 1, 1)[None]  # (1, 3, 8, H, W)
-        image_latent = self.vae.encode(clip.to(self.device, self.dtype), generator=generators.cpu)  # (1, C, 1, h, w)
+        # the release samples the VAE posterior, drawing on the CPU (generators.cpu), not the mean
+        image_latent = self.vae.encode(clip.to(self.device, self.dtype), sample_posterior=True, generator=generators.cpu)  # (1, C, 1, h, w)
         channels = image_latent.shape[1]
         shape = (1, channels, latent_frames, latent_h, latent_w)
         if tuple(image_latent.shape) != (1, channels, 1, latent_h, latent_w):
@@ -401,7 +420,7 @@ class ReleasePipeline:
         trace = [] if keep_trace else None
         with attention_backends(self.device):
             latents = release_sample(
-                self.dit, text, start, noise, noisy_frames, timesteps, guidance_scale=guidance_scale,
+                self.dit, text, start, noise, noisy_frames, timesteps, generators.device, guidance_scale=guidance_scale,
                 show_progress=show_progress, trace=trace,
             )
         decoded = self.vae.decode(latents[:, :, 1:].to(self.dtype), num_frames=num_frames - 1)  # (1, 3, F - 1, H', W')
