@@ -272,15 +272,30 @@ def mode_video(args, device) -> dict:
     image_latent = vae.encode(image, generator=generator)
     torch.cuda.synchronize()
     record["vae_encode_seconds"] = time.perf_counter() - start
-    start_latents = torch.randn(z.shape, device=device, dtype=torch.bfloat16)
+    noise_generator = torch.Generator(device).manual_seed(0)
+    start_latents = torch.randn(z.shape, generator=noise_generator, device=device, dtype=torch.bfloat16)
     start_latents[:, :, :1] = image_latent
-    noise = torch.randn(z.shape, device=device, dtype=torch.bfloat16)
+    noise = torch.randn(z.shape, generator=noise_generator, device=device, dtype=torch.bfloat16)
     timesteps = release_timesteps(args.steps, release_shift_ratio(HEIGHT, WIDTH, latent_frames, torch.bfloat16, device))
+    if args.compile:
+        for block in model.blocks:
+            block.compile()  # from outside the model; the first step pays the compilation
+    step_ends = []
+
+    class StepClock(list):  # release_sample's trace hook: one entry per step, timed as it arrives
+        def append(self, item):
+            torch.cuda.synchronize()
+            step_ends.append(time.perf_counter())
+            super().append(None)
+
     start = time.perf_counter()
     with sdpa_kernel([backend, SDPBackend.EFFICIENT_ATTENTION], set_priority=True):
-        latents = release_sample(model, text, start_latents, noise, noisy, timesteps, show_progress=True)
+        latents = release_sample(model, text, start_latents, noise, noisy, timesteps, noise_generator, show_progress=True, trace=StepClock())
     torch.cuda.synchronize()
     record["sampling_seconds"] = time.perf_counter() - start
+    marks = [start, *step_ends, time.perf_counter()]
+    record["per_step_seconds"] = [b - a for a, b in zip(marks[1:-1], marks[2:])]  # DiT input of step i -> i + 1
+    record["compiled"] = bool(args.compile)
     record["dit_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     log(f"{args.steps} steps: {record['sampling_seconds']:.1f} s ({record['sampling_seconds'] / args.steps:.2f} s/step), peak {record['dit_peak_gib']:.1f} GiB")
     del model

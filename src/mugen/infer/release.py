@@ -463,6 +463,6 @@ def release_weight_paths(weights_dir: str | os.PathLike) -> dict[str, Path]:
 
 def load_release_vae(path: str | os.PathLike, device, dtype: torch.dtype):
     """The released VAE from ``vae.pt`` (mugen.models.vae.official)."""
-    from mugen.models.vae.loading import load_released_vae
+    from mugen.models.vae.official import load_released_vae
 
     return load_released_vae(path, device=device, dtype=dtype)
