@@ -462,7 +462,12 @@ def release_weight_paths(weights_dir: str | os.PathLike) -> dict[str, Path]:
 
 
 def load_release_vae(path: str | os.PathLike, device, dtype: torch.dtype):
-    """The released VAE from ``vae.pt`` (mugen.models.vae.official)."""
-    from mugen.models.vae.official import load_released_vae
+    """The released VAE from ``vae.pt`` (``mugen.models.vae.loading``: a smaller test-size file may
+    carry its sizes in ``vae.config.json`` beside it)."""
+    from mugen.models.vae.loading import load_vae
+    from mugen.models.vae.official import ReleasedVideoVAE
 
-    return load_released_vae(path, device=device, dtype=dtype)
+    vae = load_vae(path, device=device, dtype=dtype)
+    if not isinstance(vae, ReleasedVideoVAE):
+        raise MugenError(f"{path} is not the released VAE (it loads as mugen's own VAE); the release needs its vae.pt")
+    return vae
