@@ -339,11 +339,19 @@ class PaddedConv3d(nn.Module):
         super().__init__()
         kt, kh, kw = (kernel_size,) * 3 if isinstance(kernel_size, int) else kernel_size
         time_pad = (kt - 1) + (1 - temporal_stride)
-        self.padding = (kw // 2, kw // 2, kh // 2, kh // 2, time_pad // 2, time_pad - time_pad // 2)
-        self.conv = nn.Conv3d(in_channels, out_channels, (kt, kh, kw), stride=(temporal_stride, 1, 1), bias=bias)
+        front, back = time_pad // 2, time_pad - time_pad // 2
+        if front == back:  # symmetric: the conv pads by itself (no padded copy of the input)
+            self.padding = None
+            conv_padding = (front, kh // 2, kw // 2)
+        else:
+            self.padding = (kw // 2, kw // 2, kh // 2, kh // 2, front, back)
+            conv_padding = 0
+        self.conv = nn.Conv3d(
+            in_channels, out_channels, (kt, kh, kw), stride=(temporal_stride, 1, 1), padding=conv_padding, bias=bias
+        )
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C_in, T, H, W) -> (B, C_out, T / stride, H, W)
-        if any(self.padding):
+        if self.padding is not None:
             x = F.pad(x, self.padding)
         return self.conv(x)
 
