@@ -10,11 +10,13 @@ Here mugen loads that state dict strictly, with no renaming, and must give the s
 """
 
 import json
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mugen.errors import MugenError
 from mugen.models.vae.official import (
@@ -235,3 +237,51 @@ def test_a_state_dict_of_another_size_names_the_file_and_both_sizes(model, tmp_p
     assert "image widths [16, 16, 32, 32], temporal filters 8" in message  # what the file has
     assert "expected image widths [128, 256, 512, 512], temporal filters 128" in message
     assert "small.config.json" in message
+
+
+# ------------------------------------------------------------------------------------ memory
+class LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of live tensor storages created under the mode (works on the meta device)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.tracked: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(tensor, torch.Tensor) and id(storage := tensor.untyped_storage()) not in self.tracked:
+                self.tracked.add(id(storage))
+                self.live += storage.nbytes()
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(storage, self._free, id(storage), storage.nbytes())
+        return out
+
+    def _free(self, key: int, size: int) -> None:
+        self.live -= size
+        self.tracked.discard(key)
+
+
+def traced_decode_peak(config: ReleasedVAEConfig, latent_frames: int) -> tuple[int, int]:
+    """(peak live bytes, output bytes) of decode at the release's widths, traced without compute."""
+    with torch.device("meta"):
+        vae = ReleasedVideoVAE(config).to(torch.bfloat16).eval()
+        latents = torch.randn(1, 24, latent_frames, 12, 20, dtype=torch.bfloat16)
+    tracker = LiveTensorBytes()
+    with torch.no_grad(), tracker:
+        video = vae.decode(latents)
+    return tracker.peak, video.numel() * video.element_size()
+
+
+def test_decode_memory_is_one_chunk_and_one_micro_batch_not_the_whole_video():
+    """At the release's widths, decoding more latents adds only the larger output (features of one
+    temporal chunk at a time, frames written straight into the output), and fewer frames per image
+    decoder batch lower the peak."""
+    config = ReleasedVAEConfig(micro_frame_size=16)  # 2 latents per temporal chunk keeps the trace short
+    short_peak, short_output = traced_decode_peak(config, 2)
+    long_peak, long_output = traced_decode_peak(config, 7)
+    # (keeping every chunk's features instead would add 512 channels x 40 frames x 12 x 20 x 2 bytes = 9.8 MB)
+    assert long_peak - short_peak <= (long_output - short_output) * 1.05
+    single_peak, _ = traced_decode_peak(ReleasedVAEConfig(micro_frame_size=16, micro_batch_size=1), 7)
+    assert single_peak < 0.6 * long_peak
