@@ -285,3 +285,16 @@ def test_decode_memory_is_one_chunk_and_one_micro_batch_not_the_whole_video():
     assert long_peak - short_peak <= (long_output - short_output) * 1.05
     single_peak, _ = traced_decode_peak(ReleasedVAEConfig(micro_frame_size=16, micro_batch_size=1), 7)
     assert single_peak < 0.6 * long_peak
+
+
+def test_random_release_vae_for_benchmarks_is_seeded_and_leaves_the_global_rng(config):
+    from mugen.models.vae.official import build_released_vae_random
+
+    before = torch.get_rng_state()
+    first = build_released_vae_random(config, seed=3, dtype=torch.bfloat16)
+    second = build_released_vae_random(config, seed=3, dtype=torch.bfloat16)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert first.temporal_vae.decoder.conv_out.conv.weight.dtype == torch.bfloat16 and not first.training
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+    other = build_released_vae_random(config, seed=4)
+    assert not torch.equal(other.spatial_vae.module.encoder.conv_in.weight, first.spatial_vae.module.encoder.conv_in.weight.float())
