@@ -6,8 +6,10 @@ runs encode and decode on fixed random inputs and saves tensors only (safetensor
 description::
 
     git --git-dir=<mirror of Shopee-MUG/MUG-V> archive HEAD | tar -x -C /tmp/mugv_ref
-    pip install --target /tmp/mugv_site diffusers==0.29.0 transformers==4.46.2 "tokenizers<0.21" \
-        "huggingface_hub<0.26" requests        # the reference's pins; outside mugen's environment
+    # the reference's pins, beside (not in) mugen's environment; torch, numpy, einops come from it
+    .venv/bin/python -m pip install --no-deps --target /tmp/mugv_site diffusers==0.29.0 \
+        transformers==4.46.2 "tokenizers>=0.20,<0.21" "huggingface_hub<0.26" \
+        requests urllib3 idna certifi charset_normalizer
     PYTHONPATH=src:/tmp/mugv_site .venv/bin/python scripts/make_reference_vae_fixtures.py \
         --reference /tmp/mugv_ref --output tests/fixtures/reference_vae
 
