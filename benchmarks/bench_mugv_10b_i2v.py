@@ -312,7 +312,47 @@ def mode_video(args, device) -> dict:
     return record
 
 
+def plot(record: dict, path: Path) -> None:
+    """Bar chart of one CFG step: the reference figure, eager per backend, compiled; split by part."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    step = record["step"]["step"]
+    parts = record["step"]["profile"]["parts_seconds"]
+    blocks = 56 / 2  # the profile covers 2 of the 56 blocks
+    attention, matmul = parts["attention"] * blocks, parts["matmul"] * blocks
+    rows = [("reference (issue figure)", 17.3, None)]
+    for name in ("flash", "cudnn"):
+        if "median_seconds" in step.get(name, {}):
+            rows.append((f"mugen eager, {name}", step[name]["median_seconds"], name == record["step"]["best_backend"]))
+    if "compiled" in record["step"]:
+        rows.append(("mugen compiled, cudnn", record["step"]["compiled"]["median_seconds"], True))
+    figure, axis = plt.subplots(figsize=(8, 3.2))
+    for index, (label, total, split) in enumerate(rows):
+        if split:
+            axis.barh(index, attention, color="#d62728", label="attention" if index == len(rows) - 1 else None)
+            axis.barh(index, matmul, left=attention, color="#1f77b4", label="matmul" if index == len(rows) - 1 else None)
+            axis.barh(index, total - attention - matmul, left=attention + matmul, color="#aaaaaa", label="other" if index == len(rows) - 1 else None)
+        else:
+            axis.barh(index, total, color="#cccccc" if split is None else "#888888")
+        axis.text(total + 0.2, index, f"{total:.2f} s", va="center")
+    axis.axvline(14.5, color="black", linestyle="--", linewidth=1)
+    axis.text(14.5, len(rows) - 0.4, " target 14.5 s", fontsize=8)
+    axis.set_yticks(range(len(rows)), [row[0] for row in rows])
+    axis.set_xlabel("seconds per CFG step (720p 5 s I2V, 50,402 tokens, batch 2)")
+    axis.set_xlim(0, max(row[1] for row in rows) * 1.2)
+    axis.legend(loc="lower right", fontsize=8)
+    axis.set_title(f"MUG-DiT 10B, {record['step']['device']}", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["plot"]:  # plot RESULTS.json OUT.png
+        plot(json.loads(Path(sys.argv[2]).read_text()), Path(sys.argv[3]))
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", choices=("step", "video"), default="step")
     parser.add_argument("--backends", nargs="+", default=["cudnn", "flash"], choices=list(BACKENDS))
@@ -335,8 +375,11 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "shapes": {"latent": [1, 24, release_latent_frames(NUM_FRAMES), HEIGHT // 8, WIDTH // 8], "tokens": 14 * 45 * 80 + 2, "cfg_batch": 2, "text_tokens": TEXT_TOKENS},
     }
+    commit_file = Path(__file__).resolve().parents[1] / "COMMIT"  # a staged copy without .git carries its commit here
     try:
-        record["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
+        record["commit"] = commit_file.read_text().strip() if commit_file.is_file() else (
+            subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
+        )
     except OSError:
         record["commit"] = None
     with torch.no_grad():
