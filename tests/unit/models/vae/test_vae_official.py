@@ -298,3 +298,28 @@ def test_random_release_vae_for_benchmarks_is_seeded_and_leaves_the_global_rng(c
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
     other = build_released_vae_random(config, seed=4)
     assert not torch.equal(other.spatial_vae.module.encoder.conv_in.weight, first.spatial_vae.module.encoder.conv_in.weight.float())
+
+
+@pytest.mark.parametrize("num_frames", [105, 73])
+def test_release_lengths_decode_in_chunks_of_six_latents(config, state_dict, num_frames):
+    """The release's I2V call: latents 1.. of a 105 (73)-frame clip -> 104 (72) frames, decoded as
+    latent chunks (6, 6, 1) ((6, 3)) of 48, 48, 8 (48, 24) frames."""
+    from dataclasses import replace
+
+    model = ReleasedVideoVAE(replace(config, micro_frame_size=48)).eval()
+    model.load_state_dict(state_dict)
+    latent_frames = model.latent_frames(num_frames)
+    latents = torch.randn(1, 24, latent_frames - 1, 2, 2, generator=torch.Generator().manual_seed(num_frames))
+    with torch.no_grad():
+        video = model.decode(latents, num_frames=num_frames - 1)
+        z = latents * model.scale + model.shift
+        starts = range(0, latent_frames - 1, 6)
+        by_hand = torch.cat([model.decode_frames(model.temporal_decode(z[:, :, s : s + 6], 8 * z[:, :, s : s + 6].shape[2])) for s in starts], dim=2)
+    assert video.shape == (1, 3, num_frames - 1, 16, 16)
+    torch.testing.assert_close(video, by_hand, rtol=1e-5, atol=1e-5)
+    # chunks see only their own latents: changing a latent of chunk 2 leaves chunk 1's frames alone
+    changed = latents.clone()
+    changed[:, :, 6] += 1.0
+    with torch.no_grad():
+        other = model.decode(changed, num_frames=num_frames - 1)
+    assert torch.equal(other[:, :, :48], video[:, :, :48]) and not torch.equal(other[:, :, 48:], video[:, :, 48:])
