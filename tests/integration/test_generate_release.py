@@ -120,3 +120,15 @@ def test_release_cli_reports_a_truncated_dit(release_dir, tmp_path, capsys):
     (broken / "dit.pt").write_bytes(data[: len(data) // 2])
     code, _, err = run_cli(request_args(broken, tmp_path / "o.mp4"), capsys)
     assert code == 2 and "dit.pt" in err and "truncated" in err
+
+
+def test_release_cli_refuses_a_text_encoder_of_another_width(release_dir, tmp_path, capsys):
+    from transformers import T5Config, T5EncoderModel
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(release_dir, mixed)
+    config = json.loads((mixed / "t5-v1_1-xxl" / "config.json").read_text())
+    config.update(d_model=32, d_kv=8)
+    T5EncoderModel(T5Config(**{k: v for k, v in config.items() if k not in ("architectures", "transformers_version")})).save_pretrained(mixed / "t5-v1_1-xxl")
+    code, _, err = run_cli(request_args(mixed, tmp_path / "o.mp4"), capsys)
+    assert code == 2 and "expects 64-d text features" in err and "t5-v1_1-xxl gives 32-d" in err

@@ -352,8 +352,18 @@ class ReleasePipeline:
         dit = build_from_official_checkpoint(paths["dit"])
         if dit.config.hidden_size != 3456 or dit.config.depth != 56:
             log.warning("%s is not the 10B size (hidden %d, depth %d); running it anyway", paths["dit"], dit.config.hidden_size, dit.config.depth)
+        if dit.config.text_dim != text_encoder.dim:
+            raise MugenError(
+                f"{paths['dit']} expects {dit.config.text_dim}-d text features but {paths['t5']} gives {text_encoder.dim}-d; "
+                "the release pairs its dit.pt with DeepFloyd t5-v1_1-xxl (4096)"
+            )
         dit = dit.to(device=device, dtype=dtype)  # per tensor: the mmap'd file is cast as it is copied
         vae = load_release_vae(paths["vae"], device=device, dtype=dtype)
+        if vae.latent_channels != dit.config.latent_channels:
+            raise MugenError(
+                f"{paths['vae']} has {vae.latent_channels} latent channels but {paths['dit']} expects "
+                f"{dit.config.latent_channels}; use the vae.pt released with this dit.pt"
+            )
         return cls(dit, vae, text_encoder, device=device, dtype=dtype)
 
     def encode_text(self, prompt: str, negative_prompt: str = RELEASE_NEGATIVE_PROMPT, aesthetic_score: float | None = RELEASE_AESTHETIC_SCORE) -> TextFeatures:

@@ -157,6 +157,17 @@ def test_another_seed_gives_another_video(models, expected):
     assert relative_error(result.video[:, 1:], expected["video_fp32"][:, 1:17]) > 1e-2
 
 
+def test_sizes_off_the_vae_grid_keep_the_decoded_size(models):
+    """3:4 and 4:3 are 1110 and 1108 pixels: the VAE's floor gives 1104. The reference fails to join
+    its 1110-wide image to 1104-wide frames; mugen crops the image's top-left to the decoded size."""
+    dit, vae, text_encoder = models
+    pipeline = ReleasePipeline(dit, vae, text_encoder, device="cpu", dtype=torch.float32)
+    result = pipeline(image=PIPELINE / REQUEST["image"], prompt=REQUEST["prompt"], num_steps=1, frame_size=(46, 58), num_frames=9)
+    assert result.latents.shape[-2:] == (5, 7) and result.video.shape == (3, 9, 40, 56)
+    image = load_reference_image(PIPELINE / REQUEST["image"], (46, 58))
+    assert torch.equal(result.video[:, 0], image[:, :40, :56])
+
+
 # ------------------------------------------------------------------------------ the request
 def test_release_tables():
     assert release_frame_size("9:16") == (720, 1280) and release_frame_size("16:9") == (1280, 720)
