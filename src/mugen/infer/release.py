@@ -27,13 +27,17 @@ Sampling (rectified flow, t = 1000 noise -> 0 data, Euler, ``release_sample``)
   the pipeline dtype (bf16: H W, the quotient and both square roots are rounded to bf16; the
   3:4 width 1110 is 1112 in bf16), then works in float32.
 - Noise: the seed goes to every generator (``torch.manual_seed``); first the VAE's posterior draw
-  (CPU, float32), then ``randn`` of the latent shape on the device in the pipeline dtype (then
-  overwritten: frame 0 by the image latent, the rest by the next draw), then ``randn_like`` of it
-  again: that second draw is the starting noise. The state after that is float32.
-- Each step: one forward on ``[z, z]`` with [prompt, negative prompt], velocity = first 24 of the
-  48 output channels, ``v = v_neg + 4.0 (v_pos - v_neg)``, ``z += v dt`` (dt in [0, 1]; the last
-  step goes to 0), then the conditioned frame is put back. (The reference also draws a fresh noise
-  tensor every step that, with a 0/1 frame mask, is never used; mugen skips it.)
+  (CPU, float32), then ``randn`` of the latent shape on the device in the pipeline dtype (frame 0
+  is then overwritten by the image latent), then ``randn_like`` of it: the starting state is
+  ``(1 - t_0/1000) first + (t_0/1000) second`` on the noisy frames (t_0 is 1000, or a hair off it
+  after dtype rounding), float32 from then on. Every step draws one more float32 ``randn_like``.
+- Each step, the reference's frame bookkeeping: a frame moves while ``1000 * mask >= t`` (with the
+  0/1 mask: the noisy frames, unless rounding puts t_0 above 1000, as the float32 shift of small
+  sizes does, and then the first step moves nothing); a frame that starts moving after sitting out
+  is re-noised to t with that step's draw. Then one forward on ``[z, z]`` with [prompt, negative
+  prompt] (frames sitting out are modulated as clean, t = 0), velocity = first 24 of the 48 output
+  channels, ``v = v_neg + 4.0 (v_pos - v_neg)``, ``z += v dt`` (dt in [0, 1]; the last step goes
+  to 0), and frames sitting out are put back.
 
 Output
 - Latent frames 1.. are decoded for ``num_frames - 1`` pixel frames (the VAE's 48-frame chunks) and
