@@ -399,6 +399,10 @@ class ReleasePipeline:
         """
         height, width = frame_size if frame_size is not None else release_frame_size(aspect_ratio)
         num_frames = num_frames if num_frames is not None else release_num_frames(duration)
+        if num_frames < 9 or (num_frames - 1) % VAE_TEMPORAL_FACTOR:
+            raise MugenError(f"num_frames={num_frames}: the release makes 1 + 8k frames with k >= 1 (the image, then 8k generated), e.g. 105 or 73")
+        if height < VAE_SPATIAL_FACTOR or width < VAE_SPATIAL_FACTOR:
+            raise MugenError(f"frame size {height}x{width} is smaller than the VAE's 8x8 pixels per latent")
         micro_frames = getattr(getattr(self.vae, "config", None), "micro_frame_size", VAE_MICRO_FRAMES)
         latent_frames = release_latent_frames(num_frames, micro_frames)
         latent_h, latent_w = height // VAE_SPATIAL_FACTOR, width // VAE_SPATIAL_FACTOR

@@ -168,6 +168,13 @@ def test_sizes_off_the_vae_grid_keep_the_decoded_size(models):
     assert torch.equal(result.video[:, 0], image[:, :40, :56])
 
 
+@pytest.mark.parametrize("num_frames", [1, 16, 20])
+def test_frame_counts_must_be_one_plus_eight_k(models, num_frames):
+    pipeline = ReleasePipeline(*models, device="cpu", dtype=torch.float32)
+    with pytest.raises(MugenError, match=f"num_frames={num_frames}: the release makes 1 \\+ 8k frames"):
+        pipeline(image=PIPELINE / REQUEST["image"], prompt=REQUEST["prompt"], frame_size=(40, 56), num_frames=num_frames)
+
+
 # ------------------------------------------------------------------------------ the request
 def test_release_tables():
     assert release_frame_size("9:16") == (720, 1280) and release_frame_size("16:9") == (1280, 720)
