@@ -121,6 +121,9 @@ def run_release(args) -> int:
     t5_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.t5_dtype]
     seed = RELEASE_SEED if args.seed is None else args.seed
 
+    if torch.device(device).type == "cuda":  # as the reference pipeline sets them (its float32 T5 runs in TF32)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     started = time.perf_counter()
     pipeline = ReleasePipeline.from_weights(args.weights, device=device, dtype=dtype, t5_dtype=t5_dtype)
     text = pipeline.encode_text(args.prompt)
