@@ -12,7 +12,7 @@ from mugen.errors import MugenError
 def register(commands) -> None:
     parser = commands.add_parser("encode", help="encode videos + captions into latents, text features and a manifest")
     parser.add_argument("--input", required=True, help="a folder of videos/images (captions in NAME.txt beside each) or a .csv/.jsonl with path,caption")
-    parser.add_argument("--vae", required=True, help="a VAE folder (config.json + model.safetensors), e.g. RUN/vae from `mugen train vae`")
+    parser.add_argument("--vae", required=True, help="a mugen VAE folder (config.json + model.safetensors, e.g. RUN/vae from `mugen train vae`) or the released MUG-V vae.pt")
     parser.add_argument("--output", required=True, help="output folder (latents/, text/, manifest.parquet)")
     parser.add_argument("--text-encoder", default="minilm", help="minilm (default, offline), t5:/local/dir, or precomputed:/dir")
     parser.add_argument("--num-frames", type=int, default=17, help="frames per clip, 1 + 8k (1 = images only)")
@@ -27,7 +27,7 @@ def register(commands) -> None:
 def run(args) -> int:
     from mugen.data.encode import clips_from_sources, encode_samples, list_sources
     from mugen.models.text.base import build_text_encoder
-    from mugen.models.vae.model import VideoVAE
+    from mugen.models.vae.loading import load_vae
 
     from mugen.models.vae.frames import latent_frames_for
 
@@ -41,7 +41,7 @@ def run(args) -> int:
         raise MugenError(f"--size {height}x{width} is not divisible by 16 (8x VAE, 2x2 patches); use e.g. {max(16, height // 16 * 16)}x{max(16, width // 16 * 16)}")
     device = resolve_device(args.device)
     sources = list_sources(args.input)
-    vae = VideoVAE.from_pretrained(args.vae, device=device)
+    vae = load_vae(args.vae, device=device)  # mugen's VideoVAE or the released VAE
     text_encoder = build_text_encoder(args.text_encoder, device=device)
     if output.exists():
         shutil.rmtree(output)

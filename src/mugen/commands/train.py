@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from mugen.commands.common import add_device, parse_size, resolve_device
 
 
@@ -21,7 +23,7 @@ def register(commands) -> None:
     dit = models.add_parser("dit", help="train MUG-DiT with rectified flow (seed §3.2, §4.2)")
     dit.add_argument("--manifest", required=True, help="manifest.parquet (or official .csv) from `mugen encode`")
     dit.add_argument("--preset", default="debug", help="DiT preset: debug, 1B, 2B, 4B, 10B, 18B")
-    dit.add_argument("--vae", default=None, help="the VAE folder the latents came from (recorded for `mugen generate`)")
+    dit.add_argument("--vae", default=None, help="the VAE the latents came from: a mugen VAE folder or the released vae.pt (recorded for `mugen generate`)")
     dit.add_argument("--text-encoder", default="minilm", help="the text encoder that made the features (recorded for `mugen generate`)")
     dit.add_argument("--image-batch-size", type=int, default=None, help="batch size for image buckets (default: --batch-size)")
     dit.add_argument("--init-from", default=None, help="start from these weights with a fresh optimizer (e.g. a `mugen expand` output, seed §4.2.1)")
@@ -115,6 +117,12 @@ def run_dit(args) -> int:
     from mugen.train.tasks import DiTTaskConfig
 
     record = load_run_config(args.config)
+    vae_path = None
+    if args.vae is not None:  # checked now, not when `mugen generate` first needs it
+        from mugen.models.vae.loading import resolve_vae_path
+
+        resolve_vae_path(args.vae)
+        vae_path = str(Path(args.vae).expanduser().resolve())
     spec = DiTRunSpec(
         manifest=args.manifest,
         output_dir=args.output,
@@ -125,7 +133,7 @@ def run_dit(args) -> int:
         batch_size=args.batch_size or record.get("data", {}).get("batch_size", 8),
         image_batch_size=args.image_batch_size,
         device=resolve_device(args.device),
-        vae_dir=args.vae,
+        vae_dir=vae_path,
         text_encoder=args.text_encoder,
         init_from=args.init_from,
     )

@@ -136,7 +136,15 @@ def encode_samples(
     rejections: list[dict] | None = None,
     total: int | None = None,
 ) -> Path:
-    """Encode samples one by one into ``output_dir``; returns the manifest path."""
+    """Encode samples one by one into ``output_dir``; returns the manifest path.
+
+    ``vae``: a VAE model, or a path for ``mugen.models.vae.loading.load_vae`` (a mugen VAE folder or
+    the released ``vae.pt``).
+    """
+    if isinstance(vae, (str, os.PathLike)):
+        from mugen.models.vae.loading import load_vae
+
+        vae = load_vae(vae, device=device)
     output_dir = Path(output_dir)
     (output_dir / "latents").mkdir(parents=True, exist_ok=True)
     (output_dir / "text").mkdir(parents=True, exist_ok=True)

@@ -55,17 +55,17 @@ class MugenVideoPipeline:
         """Rebuild DiT, VAE and text encoder from a `mugen train dit` run folder."""
         from mugen.models.dit.io import load_dit
         from mugen.models.text.base import build_text_encoder
-        from mugen.models.vae.model import VideoVAE
+        from mugen.models.vae.loading import load_vae
 
         dit, record = load_dit(checkpoint, device, preset=preset)
         vae_dir = vae or record.get("vae")
         if not vae_dir:
-            raise MugenError(f"checkpoint {checkpoint} names no VAE; pass --vae DIR")
+            raise MugenError(f"checkpoint {checkpoint} names no VAE; pass --vae (a mugen VAE folder or the released vae.pt)")
         spec = text_encoder or record.get("text_encoder", "minilm")
         encoder = build_text_encoder(spec, device=device)
         if encoder.dim != dit.config.text_dim:
             raise MugenError(f"text encoder {spec!r} gives {encoder.dim}-d features but the DiT expects {dit.config.text_dim}; use the encoder it was trained with")
-        vae_model = VideoVAE.from_pretrained(vae_dir, device=device)
+        vae_model = load_vae(vae_dir, device=device)  # mugen's VideoVAE folder or the released vae.pt
         return cls(dit, vae_model, encoder, device=device, shift_base_resolution=record.get("shift_base_resolution", 512 * 512))
 
     def _check_request(self, num_frames: int, height: int, width: int) -> int:

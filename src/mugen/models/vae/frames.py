@@ -49,13 +49,16 @@ def encode_clip(vae, video: Tensor, sample: bool = False, generator: torch.Gener
     return torch.cat([first, rest], dim=2)
 
 
-def decode_clip(vae, latents: Tensor, window: int = 8) -> Tensor:
+def decode_clip(vae, latents: Tensor, window: int | None = None) -> Tensor:
     """Normalised latents (B, C, 1 + k, h, w) -> clip (B, 3, 1 + 8k, 8h, 8w) in [-1, 1].
 
     Latent 0 decodes to 8 frames of (ideally) one image; their mean is the first frame.
+    ``window``: latents decoded together after the first; None = the VAE's own (8 for VideoVAE,
+    the release's 6 for ReleasedVideoVAE).
     """
     first = vae.decode_from_latents(latents[:, :, :1], window=1).mean(dim=2, keepdim=True)  # (B, 3, 1, H, W)
     if latents.shape[2] == 1:
         return first
-    rest = vae.decode_from_latents(latents[:, :, 1:], window=window)  # (B, 3, 8k, H, W)
+    rest = latents[:, :, 1:]
+    rest = vae.decode_from_latents(rest) if window is None else vae.decode_from_latents(rest, window=window)  # (B, 3, 8k, H, W)
     return torch.cat([first, rest], dim=2)
