@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mugen.models.common.attention import ScaledDotProductAttention
 from mugen.models.common.layers import MLP, RMSNorm, ScalarEmbedder, modulate
 from mugen.models.common.rope import apply_rope, rope_rotations, video_rope_angles
 
@@ -67,7 +68,12 @@ class MUGDiTConfig:
 
 
 class SelfAttention(nn.Module):
-    """Full bidirectional attention over the video sequence with QK RMSNorm and 3D RoPE."""
+    """Full bidirectional attention over the video sequence with QK RMSNorm and 3D RoPE.
+
+    Heads are formed and merged with ``num_heads * head_dim`` (not the input width), so tensor
+    parallelism can set ``num_heads`` to the local head count from outside; ``attention_op`` can be
+    swapped (e.g. for ring attention) from outside as well.
+    """
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = True):
         super().__init__()
@@ -77,21 +83,25 @@ class SelfAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
+        self.attention_op = ScaledDotProductAttention()
 
     def forward(self, x: Tensor, rope: Tensor) -> Tensor:
-        batch, tokens, dim = x.shape
+        batch, tokens, _ = x.shape
         qkv = self.qkv(x).view(batch, tokens, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(2)  # each (B, N, heads, hd)
         q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (tensor.transpose(1, 2) for tensor in (q, k, v))  # (B, heads, N, hd)
         q = apply_rope(q, rope)
         k = apply_rope(k, rope)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, hd)
-        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+        out = self.attention_op(q, k, v)  # (B, heads, N, hd)
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim))
 
 
 class CrossAttention(nn.Module):
-    """Video tokens attend to text tokens; padded text tokens are masked out."""
+    """Video tokens attend to text tokens; padded text tokens are masked out.
+
+    Like :class:`SelfAttention`: heads from ``num_heads * head_dim``, a replaceable ``attention_op``.
+    """
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = True):
         super().__init__()
@@ -102,16 +112,17 @@ class CrossAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
+        self.attention_op = ScaledDotProductAttention()
 
     def forward(self, x: Tensor, text: Tensor, text_attn_mask: Tensor | None) -> Tensor:
-        batch, tokens, dim = x.shape
+        batch, tokens, _ = x.shape
         text_len = text.shape[1]
         q = self.q_norm(self.q_linear(x).view(batch, tokens, self.num_heads, self.head_dim))
         k, v = self.kv_linear(text).view(batch, text_len, 2, self.num_heads, self.head_dim).unbind(2)
         k = self.k_norm(k)
         q, k, v = (tensor.transpose(1, 2) for tensor in (q, k, v))  # (B, heads, len, hd)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=text_attn_mask)  # mask (B, 1, 1, L)
-        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+        out = self.attention_op(q, k, v, attn_mask=text_attn_mask)  # mask (B, 1, 1, L)
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim))
 
 
 def select_modulation(table: Tensor, t_mod: Tensor, t0_mod: Tensor, clean_tokens: Tensor | None, count: int):
