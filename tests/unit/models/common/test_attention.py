@@ -3,6 +3,7 @@
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend
 
 from mugen.models.common.attention import ScaledDotProductAttention
 from mugen.models.dit.model import CrossAttention, SelfAttention
@@ -74,3 +75,29 @@ def test_heads_follow_num_heads_not_input_width():
     full.proj.weight.data[:, 2 * head_dim :] = 0
     full.proj.bias.data.zero_()
     torch.testing.assert_close(out, full(x, rope), rtol=1e-5, atol=1e-6)
+
+
+def test_backend_choice():
+    import pytest
+
+    from mugen.errors import MugenError
+    from mugen.models.common import attention
+
+    cpu = torch.device("cpu")
+    assert attention.backend_priority("auto", cpu) is None  # CPU: torch decides
+    assert attention.backend_priority("cudnn", cpu) is None
+    cuda = torch.device("cuda", 0)  # named backends need no device query: first in the list, then the others
+    order = attention.backend_priority("flash", cuda)
+    assert order[0] == SDPBackend.FLASH_ATTENTION and len(order) == 4 and SDPBackend.CUDNN_ATTENTION in order
+    assert attention.backend_priority("torch", cuda) is None
+    with pytest.raises(MugenError, match="unknown"):
+        attention.set_sdpa_backend("fastest")
+    with pytest.raises(MugenError, match="unknown"):
+        ScaledDotProductAttention(backend="cudnnn")
+    previous = attention.get_sdpa_backend()
+    try:
+        attention.set_sdpa_backend("math")
+        q, k, v = (torch.randn(1, 2, 3, 6) for _ in range(3))
+        torch.testing.assert_close(ScaledDotProductAttention()(q, k, v), F.scaled_dot_product_attention(q, k, v))
+    finally:
+        attention.set_sdpa_backend(previous)
