@@ -26,6 +26,7 @@ import importlib.util
 import os
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from mugen.errors import MugenError
 
@@ -62,8 +63,9 @@ def enabled(flag: bool | None):
 
 
 def use_kernels(tensor: torch.Tensor) -> bool:
-    """Whether the fused path should run for ``tensor`` under the current setting."""
-    if _ENABLED is False or torch.compiler.is_compiling():
+    """Whether the fused path should run for ``tensor`` under the current setting (never for a
+    DTensor: the kernels take local tensors)."""
+    if _ENABLED is False or torch.compiler.is_compiling() or isinstance(tensor, DTensor):
         return False
     if _ENABLED is None:
         return tensor.is_cuda and triton_available()

@@ -3,7 +3,8 @@
 The torch path splits q, k, v, normalises q and k in fp32 (RMSNorm, rounded back to the input dtype,
 then the weight), casts to fp32 again for the complex RoPE multiply and back: about ten passes over
 q and k. The kernel reads each head vector once, normalises and rotates it in registers and writes
-q, k and v in the (B, N, heads, hd) layout that SDPA takes as (B, heads, N, hd) views.
+q, k and v as (B, heads, N, hd) tensors (contiguous by default, see ``QKV_LAYOUT`` in
+``triton_kernels``; cuDNN attention runs faster on them than on transposed views).
 """
 
 from __future__ import annotations
@@ -44,5 +45,4 @@ def qk_norm_rope(
     if cos_sin.shape[0] == 1 and batch > 1:
         cos_sin = cos_sin.expand(batch, -1, -1, -1)
     out_dtype = kernels.output_dtype(qkv, q_weight, autocast_to_low=True)
-    q, k, v = QKNormRopeFunction.apply(qkv, q_weight, k_weight, cos_sin, eps, out_dtype)
-    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, N, hd)
+    return QKNormRopeFunction.apply(qkv, q_weight, k_weight, cos_sin, eps, out_dtype)  # 3 x (B, heads, N, hd)

@@ -276,6 +276,7 @@ def _qk_norm_rope_fwd(
     R, N, H, HALF, HD,
     s_b, s_n, s_w, s_h,  # qkv (B, N, 3, H, hd) strides; the head-dim stride is 1
     r_b, r_n,  # rotations (B, N, hd/2, 2) float32 strides; (cos, sin) pairs contiguous
+    o_b, o_n, o_h,  # output strides (shared by q, k, v); the head-dim stride is 1
     eps,
     ROUND_PRODUCT: tl.constexpr, ROWS: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
@@ -292,7 +293,7 @@ def _qk_norm_rope_fwd(
     src = QKV + (b * s_b + n * s_n + which * s_w + h * s_h)[:, None] + 2 * pairs[None, :]
     x_even = tl.load(src, mask=mask, other=0.0).to(tl.float32)  # (ROWS, HALF) channels 2i
     x_odd = tl.load(src + 1, mask=mask, other=0.0).to(tl.float32)  # channels 2i + 1
-    dst = rows[:, None] * HD + 2 * pairs[None, :]  # outputs (B, N, H, hd) contiguous
+    dst = (b * o_b + n * o_n + h * o_h)[:, None] + 2 * pairs[None, :]
     if which == 2:
         tl.store(OUT_V + dst, x_even.to(OUT_V.dtype.element_ty), mask=mask)
         tl.store(OUT_V + dst + 1, x_odd.to(OUT_V.dtype.element_ty), mask=mask)
@@ -331,7 +332,7 @@ def _qk_norm_rope_bwd(
     R, N, H, HALF, HD, NUM_BLOCKS,
     s_b, s_n, s_w, s_h,
     r_b, r_n,
-    g_b, g_n, g_h,  # strides of the incoming (B, N, H, hd) gradients (shared by dq, dk, dv)
+    g_b, g_n, g_h,  # batch, token and head strides of the incoming gradients (shared by dq, dk, dv)
     eps,
     ROWS: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
@@ -392,6 +393,9 @@ def _qk_norm_rope_bwd(
 
 
 QK_ROWS = 16
+# Layout of the q, k, v the kernel writes: "bhnd" = (B, heads, N, hd) contiguous, what SDPA reads
+# best; "bnhd" = (B, N, heads, hd) contiguous (the torch path's transposed views).
+QKV_LAYOUT = "bhnd"
 
 
 class QKNormRopeFunction(torch.autograd.Function):
@@ -403,20 +407,23 @@ class QKNormRopeFunction(torch.autograd.Function):
             qkv = qkv.contiguous()
         half = head_dim // 2
         rows = batch * tokens * heads
-        q = torch.empty(batch, tokens, heads, head_dim, dtype=out_dtype, device=qkv.device)
-        k, v = torch.empty_like(q), torch.empty_like(q)
+        if QKV_LAYOUT == "bhnd":
+            q = torch.empty(batch, heads, tokens, head_dim, dtype=out_dtype, device=qkv.device)
+        else:
+            q = torch.empty(batch, tokens, heads, head_dim, dtype=out_dtype, device=qkv.device).transpose(1, 2)
+        k, v = torch.empty_like(q), torch.empty_like(q)  # empty_like keeps q's strides
         block_half = triton.next_power_of_2(half)
         round_product = q_weight.dtype != torch.float32 and qkv.dtype != torch.float32
         _qk_norm_rope_fwd[(triton.cdiv(rows, QK_ROWS), 3)](
             qkv, rotations, q_weight, k_weight, q, k, v,
             rows, tokens, heads, half, head_dim,
             qkv.stride(0), qkv.stride(1), qkv.stride(2), qkv.stride(3),
-            rotations.stride(0), rotations.stride(1), eps,
+            rotations.stride(0), rotations.stride(1), q.stride(0), q.stride(2), q.stride(1), eps,
             ROUND_PRODUCT=round_product, ROWS=QK_ROWS, BLOCK_HALF=block_half, num_warps=4,
         )
         ctx.save_for_backward(qkv, q_weight, k_weight, rotations)
         ctx.eps = eps
-        return q, k, v  # each (B, N, H, hd)
+        return q, k, v  # each (B, H, N, hd)
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
@@ -424,7 +431,7 @@ class QKNormRopeFunction(torch.autograd.Function):
         batch, tokens, _, heads, head_dim = qkv.shape
         half = head_dim // 2
         rows = batch * tokens * heads
-        grads = [g if g is not None else torch.zeros(batch, tokens, heads, head_dim, device=qkv.device) for g in (dq, dk, dv)]
+        grads = [g if g is not None else torch.zeros(batch, heads, tokens, head_dim, device=qkv.device) for g in (dq, dk, dv)]
         # The kernel takes one set of strides for the three gradients (SDPA gives them one layout).
         if grads[0].stride(-1) != 1 or any(g.stride() != grads[0].stride() for g in grads):
             grads = [g.contiguous() for g in grads]
@@ -437,7 +444,7 @@ class QKNormRopeFunction(torch.autograd.Function):
             rows, tokens, heads, half, head_dim, num_blocks,
             qkv.stride(0), qkv.stride(1), qkv.stride(2), qkv.stride(3),
             rotations.stride(0), rotations.stride(1),
-            dq.stride(0), dq.stride(1), dq.stride(2), ctx.eps,
+            dq.stride(0), dq.stride(2), dq.stride(1), ctx.eps,
             ROWS=QK_ROWS, BLOCK_HALF=triton.next_power_of_2(half), num_warps=4,
         )
         weight_grads = partial.sum(1)  # (2, hd)

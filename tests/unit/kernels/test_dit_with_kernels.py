@@ -7,6 +7,7 @@ pytest.importorskip("triton")
 
 import mugen.kernels as kernels  # noqa: E402
 from mugen.models.dit import MUGDiT, dit_config  # noqa: E402
+from mugen.models.dit.model import plain_linear  # noqa: E402
 from mugen.models.lora import apply_lora  # noqa: E402
 
 
@@ -59,10 +60,12 @@ def test_kernels_on_equals_kernels_off(conditioned):
 
 
 def test_blocks_with_lora_fall_back_and_still_match():
-    """A LoRA-wrapped proj/fc2 has no plain bias to fuse: the block takes the torch path (only the QK kernel runs)."""
+    """A LoRA-wrapped proj/fc2 keeps its own bias; the kernels still run and the output still matches."""
     model = tiny_model()
     apply_lora(model, rank=2)
-    assert not model.blocks[0].fusable()
+    for block in model.blocks:  # make the adapters matter
+        torch.nn.init.normal_(block.attn.proj.lora_up.weight, std=0.1)
+    assert not plain_linear(model.blocks[0].attn.proj)
     with torch.no_grad():
         with kernels.enabled(False):
             expected = model(**inputs(True))

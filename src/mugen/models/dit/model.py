@@ -195,7 +195,9 @@ class MUGDiTBlock(nn.Module):
         clean_tokens: Tensor | None,  # (B, N + 2, 1) bool, or None when no frame is conditioned
         rope: Tensor,  # (B, 1, N + 2, hd / 2) complex rotations
     ) -> Tensor:
-        if kernels.use_kernels(x) and self.fusable():
+        if torch.compiler.is_compiling() or (kernels.use_kernels(x) and plain_tensors(self.scale_shift_table)):
+            # Compiled blocks take this formulation too (with the torch references inside): its
+            # per-token selection has no in-place boundary fix for the compiler to get wrong.
             return self.forward_fused(x, text, text_attn_mask, t_mod, t0_mod, clean_tokens, rope)
         params, params_clean = select_modulation(self.scale_shift_table, t_mod, t0_mod, clean_tokens, 6)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = params
@@ -222,14 +224,11 @@ class MUGDiTBlock(nn.Module):
             boundary(gated).copy_(gate0_mlp * boundary(y))
         return x + gated
 
-    def fusable(self) -> bool:
-        """The fused path needs plain linear layers for the bias epilogues (not LoRA, not DTensor)."""
-        return plain_linear(self.attn.proj) and plain_linear(self.mlp.fc2) and plain_tensors(self.scale_shift_table)
-
     def forward_fused(self, x, text, text_attn_mask, t_mod, t0_mod, clean_tokens, rope) -> Tensor:
         """The same block with the Triton kernels of ``mugen.kernels`` (seed §5.3): LayerNorm +
         modulation in one pass, proj / fc2 biases moved into one bias + gate + residual pass, and
-        the per-token choice of the t = 0 modulation made inside the kernels."""
+        the per-token choice of the t = 0 modulation made inside the kernels. A LoRA-wrapped proj
+        or fc2 keeps its own bias (there is no plain bias to move)."""
         batch, tokens, _ = x.shape
         use_t0 = boundary_and(clean_tokens, batch, tokens, x.device)  # (B, N + 2)
         params = self.scale_shift_table[None] + t_mod.view(batch, 6, -1)  # (B, 6, d)
@@ -237,14 +236,17 @@ class MUGDiTBlock(nn.Module):
         shift, scale, gate = params[:, 0], params[:, 1], params[:, 2]
         shift0, scale0, gate0 = params_t0[:, 0], params_t0[:, 1], params_t0[:, 2]
         h = kernels.layernorm_modulate(x, shift, scale, shift0, scale0, use_t0, self.norm.eps)
-        y = self.attn(h, rope, proj_bias=False)
-        x = kernels.gated_residual(x, y, self.attn.proj.bias, gate, gate0, use_t0)
+        proj_bias_fused = plain_linear(self.attn.proj)
+        y = self.attn(h, rope, proj_bias=not proj_bias_fused)
+        x = kernels.gated_residual(x, y, self.attn.proj.bias if proj_bias_fused else None, gate, gate0, use_t0)
         x = x + self.cross_attn(self.cross_attn_norm(x), text, text_attn_mask)
         shift, scale, gate = params[:, 3], params[:, 4], params[:, 5]
         shift0, scale0, gate0 = params_t0[:, 3], params_t0[:, 4], params_t0[:, 5]
         h = kernels.layernorm_modulate(x, shift, scale, shift0, scale0, use_t0, self.norm.eps)
-        y = F.linear(self.mlp.act(self.mlp.fc1(h)), self.mlp.fc2.weight)
-        return kernels.gated_residual(x, y, self.mlp.fc2.bias, gate, gate0, use_t0)
+        hidden = self.mlp.act(self.mlp.fc1(h))  # (B, N + 2, 4d)
+        fc2_bias_fused = plain_linear(self.mlp.fc2)
+        y = F.linear(hidden, self.mlp.fc2.weight) if fc2_bias_fused else self.mlp.fc2(hidden)
+        return kernels.gated_residual(x, y, self.mlp.fc2.bias if fc2_bias_fused else None, gate, gate0, use_t0)
 
 
 class TextEmbedder(nn.Module):
