@@ -41,9 +41,11 @@ SIZES = {  # name: (width, heads, video tokens)
 }
 OFFICIAL_MS = {"10B": (93.3, 82.9, 68.0), "2B": (12.4, 9.8, 7.5)}  # eager, compiled, target (GPU.md, issue 5)
 VARIANTS = {  # name: (fused kernels, per-block compile, SDPA backend)
+    "torch-eager-default": (False, False, "default"),
     "torch-eager-flash": (False, False, "flash"),
     "torch-eager-cudnn": (False, False, "cudnn"),
     "fused-eager-cudnn": (True, False, "cudnn"),
+    "fused-eager-cudnn-bhnd": (True, False, "cudnn"),  # q/k/v written heads-first contiguous
     "compiled-cudnn": (False, True, "cudnn"),
 }
 TEXT_TOKENS = 300
@@ -253,6 +255,9 @@ def block_part(args) -> tuple[list[dict], dict]:
             fused, compiled, backend = VARIANTS[variant]
             block = copy.deepcopy(master).to(torch.bfloat16)
             set_sdpa_backend(backend)
+            from mugen.kernels import triton_kernels
+
+            triton_kernels.QKV_LAYOUT = "bhnd" if variant.endswith("-bhnd") else "bnhd"
             if compiled:
                 block.compile()
             with kernels.enabled(None if fused else False):

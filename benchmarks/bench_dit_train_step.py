@@ -6,13 +6,13 @@ H100 (shared/GPU.md). 360p latents are padded to 46 x 80 by the release (45 -> 4
 10 * 23 * 40 + 2 = 9,202 tokens; we feed 46 x 80 latents directly.
 
 Variants name the eager/compiled mode, mugen.kernels on/off and the SDPA backend, e.g.
-``eager-torch-flash`` (the torch path with the flash backend, as before this work),
+``eager-torch-default`` (the torch path, torch's SDPA choice: as before this work),
 ``eager-fused-cudnn`` (Triton kernels + cuDNN attention), ``compiled-cudnn`` (per-block
 torch.compile; inside compiled code inductor fuses the elementwise work itself).
 Before timing, each variant's bf16 forward is compared with the fp32 torch model (kernels off, no
 autocast) on the same random inputs.
 
-    PYTHONPATH=src python benchmarks/bench_dit_train_step.py --preset 1B --variants eager-torch-flash,eager-fused-cudnn,compiled-cudnn
+    PYTHONPATH=src python benchmarks/bench_dit_train_step.py --preset 1B --variants eager-torch-default,eager-fused-auto,compiled-auto
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def forward_error(model, inputs) -> float:
         allow_tf32 = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = False
         with kernels.enabled(False):
-            set_sdpa_backend("torch")
+            set_sdpa_backend("default")
             expected = model(*inputs)
         torch.backends.cuda.matmul.allow_tf32 = allow_tf32
     return ((out - expected).abs().max() / expected.abs().max()).item()
@@ -156,8 +156,8 @@ def main():
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument(
         "--variants",
-        default="eager-torch-flash,eager-fused-cudnn,compiled-cudnn",
-        help="comma-separated (eager|compiled)[-torch|-fused]-(cudnn|flash|efficient|auto|torch) variants",
+        default="eager-torch-default,eager-fused-auto,compiled-default,compiled-auto",
+        help="comma-separated (eager|compiled)[-torch|-fused]-(auto|default|cudnn|flash|efficient) variants",
     )
     parser.add_argument("--fused-adam", choices=["no", "yes", "both"], default="yes", help="fused AdamW")
     parser.add_argument("--check", action="store_true", help="compare each variant's forward with the fp32 model first")
