@@ -26,7 +26,10 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
+from mugen import kernels
+from mugen.models.common.attention import ScaledDotProductAttention
 from mugen.models.common.layers import MLP, RMSNorm, ScalarEmbedder, modulate
 from mugen.models.common.rope import apply_rope, rope_rotations, video_rope_angles
 
@@ -67,7 +70,12 @@ class MUGDiTConfig:
 
 
 class SelfAttention(nn.Module):
-    """Full bidirectional attention over the video sequence with QK RMSNorm and 3D RoPE."""
+    """Full bidirectional attention over the video sequence with QK RMSNorm and 3D RoPE.
+
+    Heads are formed and merged with ``num_heads * head_dim`` (not the input width), so tensor
+    parallelism can set ``num_heads`` to the local head count from outside; ``attention_op`` can be
+    swapped (e.g. for ring attention) from outside as well.
+    """
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = True):
         super().__init__()
@@ -77,21 +85,32 @@ class SelfAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
+        self.attention_op = ScaledDotProductAttention()
 
-    def forward(self, x: Tensor, rope: Tensor) -> Tensor:
-        batch, tokens, dim = x.shape
+    def forward(self, x: Tensor, rope: Tensor, proj_bias: bool = True) -> Tensor:
+        """x (B, N, d) -> (B, N, d). ``proj_bias=False`` leaves the output projection's bias to the
+        caller (the fused gated residual adds it)."""
+        batch, tokens, _ = x.shape
         qkv = self.qkv(x).view(batch, tokens, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.unbind(2)  # each (B, N, heads, hd)
-        q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = (tensor.transpose(1, 2) for tensor in (q, k, v))  # (B, heads, N, hd)
-        q = apply_rope(q, rope)
-        k = apply_rope(k, rope)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, hd)
-        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+        if isinstance(self.q_norm, RMSNorm) and kernels.use_kernels(qkv) and plain_tensors(self.q_norm.weight):
+            # One fused pass: RMSNorm of q and k, 3D RoPE, q/k/v in SDPA's layout (seed §5.3).
+            q, k, v = kernels.qk_norm_rope(qkv, self.q_norm.weight, self.k_norm.weight, rope, self.q_norm.eps)
+        else:
+            q, k, v = qkv.unbind(2)  # each (B, N, heads, hd)
+            q, k = self.q_norm(q), self.k_norm(k)
+            q, k, v = (tensor.transpose(1, 2) for tensor in (q, k, v))  # (B, heads, N, hd)
+            q = apply_rope(q, rope)
+            k = apply_rope(k, rope)
+        out = self.attention_op(q, k, v)  # (B, heads, N, hd)
+        out = out.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim)
+        return self.proj(out) if proj_bias else F.linear(out, self.proj.weight)
 
 
 class CrossAttention(nn.Module):
-    """Video tokens attend to text tokens; padded text tokens are masked out."""
+    """Video tokens attend to text tokens; padded text tokens are masked out.
+
+    Like :class:`SelfAttention`: heads from ``num_heads * head_dim``, a replaceable ``attention_op``.
+    """
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = True):
         super().__init__()
@@ -102,16 +121,17 @@ class CrossAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
+        self.attention_op = ScaledDotProductAttention()
 
     def forward(self, x: Tensor, text: Tensor, text_attn_mask: Tensor | None) -> Tensor:
-        batch, tokens, dim = x.shape
+        batch, tokens, _ = x.shape
         text_len = text.shape[1]
         q = self.q_norm(self.q_linear(x).view(batch, tokens, self.num_heads, self.head_dim))
         k, v = self.kv_linear(text).view(batch, text_len, 2, self.num_heads, self.head_dim).unbind(2)
         k = self.k_norm(k)
         q, k, v = (tensor.transpose(1, 2) for tensor in (q, k, v))  # (B, heads, len, hd)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=text_attn_mask)  # mask (B, 1, 1, L)
-        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+        out = self.attention_op(q, k, v, attn_mask=text_attn_mask)  # mask (B, 1, 1, L)
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim))
 
 
 def select_modulation(table: Tensor, t_mod: Tensor, t0_mod: Tensor, clean_tokens: Tensor | None, count: int):
@@ -128,6 +148,26 @@ def select_modulation(table: Tensor, t_mod: Tensor, t0_mod: Tensor, clean_tokens
     if clean_tokens is None:
         return params, params_clean
     return tuple(torch.where(clean_tokens, p0, p) for p, p0 in zip(params, params_clean)), params_clean
+
+
+def plain_tensors(*tensors: Tensor) -> bool:
+    """True unless a tensor is a DTensor (tensor parallel): the fused kernels take local tensors only."""
+    return not any(isinstance(tensor, DTensor) for tensor in tensors)
+
+
+def plain_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` itself (not a LoRA wrapper or a subclass) holding local tensors."""
+    return type(module) is nn.Linear and plain_tensors(module.weight)
+
+
+def boundary_and(clean_tokens: Tensor | None, batch: int, tokens: int, device) -> Tensor:
+    """Tokens that take the t = 0 modulation, (B, N + 2) bool: the start and end tokens, and the
+    conditioned frames' tokens when ``clean_tokens`` (B, N + 2, 1) is given (it includes the ends)."""
+    if clean_tokens is not None:
+        return clean_tokens[..., 0]
+    use_t0 = torch.zeros(batch, tokens, dtype=torch.bool, device=device)
+    use_t0[:, 0] = use_t0[:, -1] = True
+    return use_t0
 
 
 def boundary(x: Tensor) -> Tensor:
@@ -155,6 +195,10 @@ class MUGDiTBlock(nn.Module):
         clean_tokens: Tensor | None,  # (B, N + 2, 1) bool, or None when no frame is conditioned
         rope: Tensor,  # (B, 1, N + 2, hd / 2) complex rotations
     ) -> Tensor:
+        if torch.compiler.is_compiling() or (kernels.use_kernels(x) and plain_tensors(self.scale_shift_table)):
+            # Compiled blocks take this formulation too (with the torch references inside): its
+            # per-token selection has no in-place boundary fix for the compiler to get wrong.
+            return self.forward_fused(x, text, text_attn_mask, t_mod, t0_mod, clean_tokens, rope)
         params, params_clean = select_modulation(self.scale_shift_table, t_mod, t0_mod, clean_tokens, 6)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = params
         fix = clean_tokens is None  # broadcast parameters: give the two boundary tokens t = 0 in place
@@ -179,6 +223,30 @@ class MUGDiTBlock(nn.Module):
         if fix:
             boundary(gated).copy_(gate0_mlp * boundary(y))
         return x + gated
+
+    def forward_fused(self, x, text, text_attn_mask, t_mod, t0_mod, clean_tokens, rope) -> Tensor:
+        """The same block with the Triton kernels of ``mugen.kernels`` (seed §5.3): LayerNorm +
+        modulation in one pass, proj / fc2 biases moved into one bias + gate + residual pass, and
+        the per-token choice of the t = 0 modulation made inside the kernels. A LoRA-wrapped proj
+        or fc2 keeps its own bias (there is no plain bias to move)."""
+        batch, tokens, _ = x.shape
+        use_t0 = boundary_and(clean_tokens, batch, tokens, x.device)  # (B, N + 2)
+        params = self.scale_shift_table[None] + t_mod.view(batch, 6, -1)  # (B, 6, d)
+        params_t0 = self.scale_shift_table[None] + t0_mod.view(batch, 6, -1)  # (B, 6, d)
+        shift, scale, gate = params[:, 0], params[:, 1], params[:, 2]
+        shift0, scale0, gate0 = params_t0[:, 0], params_t0[:, 1], params_t0[:, 2]
+        h = kernels.layernorm_modulate(x, shift, scale, shift0, scale0, use_t0, self.norm.eps)
+        proj_bias_fused = plain_linear(self.attn.proj)
+        y = self.attn(h, rope, proj_bias=not proj_bias_fused)
+        x = kernels.gated_residual(x, y, self.attn.proj.bias if proj_bias_fused else None, gate, gate0, use_t0)
+        x = x + self.cross_attn(self.cross_attn_norm(x), text, text_attn_mask)
+        shift, scale, gate = params[:, 3], params[:, 4], params[:, 5]
+        shift0, scale0, gate0 = params_t0[:, 3], params_t0[:, 4], params_t0[:, 5]
+        h = kernels.layernorm_modulate(x, shift, scale, shift0, scale0, use_t0, self.norm.eps)
+        hidden = self.mlp.act(self.mlp.fc1(h))  # (B, N + 2, 4d)
+        fc2_bias_fused = plain_linear(self.mlp.fc2)
+        y = F.linear(hidden, self.mlp.fc2.weight) if fc2_bias_fused else self.mlp.fc2(hidden)
+        return kernels.gated_residual(x, y, self.mlp.fc2.bias if fc2_bias_fused else None, gate, gate0, use_t0)
 
 
 class TextEmbedder(nn.Module):
@@ -212,6 +280,14 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: Tensor, t_emb: Tensor, t0_emb: Tensor, clean_tokens: Tensor | None) -> Tensor:
         # t_emb (B, d) is used as is (not through t_block), twice: [shift, scale] = table + [t, t].
+        if kernels.use_kernels(x) and plain_tensors(self.scale_shift_table):
+            shift, scale = (self.scale_shift_table[None] + t_emb[:, None]).unbind(1)  # (B, d) each
+            shift0, scale0 = (self.scale_shift_table[None] + t0_emb[:, None]).unbind(1)
+            use_t0 = None if clean_tokens is None else clean_tokens[..., 0]
+            if use_t0 is None:
+                shift0 = scale0 = None
+            h = kernels.layernorm_modulate(x, shift, scale, shift0, scale0, use_t0, self.norm_final.eps)
+            return self.linear(h)
         (shift, scale), _ = select_modulation(self.scale_shift_table, t_emb.repeat(1, 2), t0_emb.repeat(1, 2), clean_tokens, 2)
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
