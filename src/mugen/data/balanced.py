@@ -33,6 +33,7 @@ and rank (ranks of one model replica draw the same batches).
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -199,6 +200,7 @@ class BalancedBatchSampler:
         self.units_per_epoch = sum(-(-len(members) // size) for members, size in zip(self._bucket_indices, sizes))
         self.position = 0
         self._epoch_cache: dict[int, tuple[list[np.ndarray], np.ndarray]] = {}
+        self._cache_lock = threading.Lock()  # a prefetch thread and the training loop both plan steps
 
     # ------------------------------------------------------------------------------ the stream
     @property
@@ -222,8 +224,10 @@ class BalancedBatchSampler:
 
     def epoch_units(self, epoch: int) -> tuple[list[np.ndarray], np.ndarray]:
         """(units, costs) of ``epoch`` in stream order; a pure function of (seed, epoch)."""
-        if epoch in self._epoch_cache:
-            return self._epoch_cache[epoch]
+        with self._cache_lock:
+            cached = self._epoch_cache.get(epoch)
+        if cached is not None:
+            return cached
         rng = np.random.default_rng([self.seed, int(epoch)])
         units: list[np.ndarray] = []
         for members, size in zip(self._bucket_indices, self.bucket_batch_sizes):
@@ -232,9 +236,10 @@ class BalancedBatchSampler:
         if self.shuffle:
             units = [units[i] for i in rng.permutation(len(units))]
         costs = np.asarray([float(self._sample_costs[unit].sum()) for unit in units])
-        if len(self._epoch_cache) >= 2:  # a step spans at most two epochs' units in practice
-            self._epoch_cache.pop(min(self._epoch_cache))
-        self._epoch_cache[epoch] = (units, costs)
+        with self._cache_lock:
+            if len(self._epoch_cache) >= 3:  # the loop and the loader are at most a step apart
+                self._epoch_cache.pop(min(self._epoch_cache))
+            self._epoch_cache[epoch] = (units, costs)
         return units, costs
 
     def units_at(self, start: int, count: int) -> tuple[list[list[int]], list[float]]:
