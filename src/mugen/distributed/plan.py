@@ -49,6 +49,7 @@ SAVED_BYTES_PER_CHANNEL = 80  # x 32 (8 fp32) + 26 (13 bf16) + 6 (qkv) + 16 (MLP
 SAVED_BYTES_PER_HEAD = 20  # 5 fp32 per-head statistics: 2 attention logsumexps, 3 QK-norm rsqrt
 SAVED_BYTES_PER_TOKEN = 24  # 6 fp32 LayerNorm statistics (mean, rstd of the three norms)
 SAVED_TEXT_BYTES_PER_CHANNEL = 12  # per text token and block: text in bf16, k/v, k-norm input and output
+SAVED_TEXT_BYTES_PER_HEAD = 4  # per text token and block: the k-norm rsqrt
 SAVED_OUTSIDE_BYTES_PER_CHANNEL = 10.5  # per video token, outside the blocks: embed, final layer, RoPE
 # Under TP + sequence parallelism the bf16 inputs of qkv, cross-attention q and fc1 are all-gathered
 # to the full sequence and saved at full size (3 x 2d B); the rest is split over the TP group.
@@ -202,7 +203,8 @@ def saved_activation_bytes(config, tokens: int, text_tokens: int) -> float:
     """Bytes one block saves for backward for one sample of ``tokens`` (eager, bf16 autocast)."""
     d = config.hidden_size
     per_token = SAVED_BYTES_PER_CHANNEL * d + SAVED_BYTES_PER_HEAD * config.num_heads + SAVED_BYTES_PER_TOKEN
-    return tokens * per_token + text_tokens * SAVED_TEXT_BYTES_PER_CHANNEL * d
+    per_text_token = SAVED_TEXT_BYTES_PER_CHANNEL * d + SAVED_TEXT_BYTES_PER_HEAD * config.num_heads
+    return tokens * per_token + text_tokens * per_text_token
 
 
 def estimate_memory(workload: Workload, layout: Layout, micro_batches: int) -> MemoryEstimate:
