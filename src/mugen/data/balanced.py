@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mugen.data.sampling import group_by_shape
 from mugen.errors import MugenError
 
 
@@ -173,14 +174,7 @@ class BalancedBatchSampler:
         self.rank = rank
         self.num_samples = len(shape_keys)
 
-        bucket_members: dict[Hashable, list[int]] = {}
-        self._bucket_keys: list[Hashable] = []
-        for index, key in enumerate(shape_keys):
-            if key not in bucket_members:
-                bucket_members[key] = []
-                self._bucket_keys.append(key)
-            bucket_members[key].append(index)
-        self._bucket_indices = [np.asarray(bucket_members[key], dtype=np.int64) for key in self._bucket_keys]
+        self._bucket_keys, self._bucket_indices = group_by_shape(shape_keys)
         self._sample_costs = np.asarray([self.cost(int(tokens)) for tokens in sample_tokens], dtype=np.float64)
         bucket_tokens = [max(int(sample_tokens[i]) for i in members) for members in self._bucket_indices]
         bucket_costs = [float(self._sample_costs[members].max()) for members in self._bucket_indices]

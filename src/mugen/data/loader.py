@@ -47,13 +47,14 @@ def pin_batch(value: Any) -> Any:
     return value
 
 
-def batch_to_device(value: Any, device: torch.device) -> Any:
+def move_to_device(value: Any, device: torch.device) -> Any:
+    """Move tensors in nested dicts/lists/tuples to ``device`` (non-blocking on CUDA); leave the rest as is."""
     if isinstance(value, Tensor):
         return value.to(device, non_blocking=device.type == "cuda")
     if isinstance(value, dict):
-        return {key: batch_to_device(item, device) for key, item in value.items()}
+        return {key: move_to_device(item, device) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        moved = [batch_to_device(item, device) for item in value]
+        moved = [move_to_device(item, device) for item in value]
         return moved if isinstance(value, list) else tuple(moved)
     return value
 
@@ -98,9 +99,9 @@ class PrefetchLoader:
         if self.pin_memory:
             batch = pin_batch(batch)
         if self._copy_stream is None:
-            return batch_to_device(batch, self.device), None
+            return move_to_device(batch, self.device), None
         with torch.cuda.stream(self._copy_stream):
-            batch = batch_to_device(batch, self.device)
+            batch = move_to_device(batch, self.device)
             event = torch.cuda.Event()
             event.record(self._copy_stream)
         return batch, event

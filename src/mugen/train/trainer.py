@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from mugen.data.balanced import BalancedBatchSampler
-from mugen.data.loader import PrefetchLoader
+from mugen.data.loader import PrefetchLoader, move_to_device
 from mugen.data.sampling import ShapeBucketBatchSampler
 from mugen.errors import MugenError
 from mugen.train.checkpoint import (
@@ -135,18 +135,6 @@ class Stateful(Protocol):
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> Any: ...
-
-
-def move_to_device(value: Any, device: torch.device) -> Any:
-    """Move tensors in nested dicts/lists/tuples to ``device``; leave everything else as is."""
-    if isinstance(value, Tensor):
-        return value.to(device, non_blocking=device.type == "cuda")
-    if isinstance(value, dict):
-        return {key: move_to_device(item, device) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        moved = [move_to_device(item, device) for item in value]
-        return type(value)(moved) if isinstance(value, list) else tuple(moved)
-    return value
 
 
 def derived_seed(*values: int) -> int:
