@@ -5,6 +5,10 @@ data parallel (replicated, ``ddp``, or sharded, ``fsdp``), tensor + sequence par
 context parallel (``cp``) and pipeline parallel (``pp``), with and without activation
 recomputation, is costed:
 
+The report trained MUG-V 10B with TP + sequence parallelism inside a node, PP across nodes without
+activation recomputation, and DP on top (seed §5.1); this estimate lets a user find such a layout for
+their own model size and sequence length before renting the GPUs.
+
 Memory per GPU (eager, bf16 autocast over fp32 master weights, AdamW, as the Trainer trains):
   * parameters 4 B, gradients 4 B, AdamW moments 8 B per parameter, divided by the GPUs that shard
     them (FSDP over the data-parallel group, TP, PP stages);

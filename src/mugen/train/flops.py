@@ -27,9 +27,17 @@ import torch
 
 from mugen.errors import MugenError
 
-# Dense bf16 datasheet peaks (TFLOP/s) by a substring of ``torch.cuda.get_device_name``: MFU is
-# reported against these (DESIGN.md). H100 and H200 (SXM) share the 989 TFLOP/s tensor-core peak.
-DATASHEET_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
+# Dense bf16 datasheet peaks (TFLOP/s) by a substring of ``torch.cuda.get_device_name``, first match
+# wins: MFU is reported against these (DESIGN.md). H100 and H200 SXM share the 989 TFLOP/s
+# tensor-core peak; the PCIe and NVL boards run lower clocks.
+DATASHEET_PEAK_TFLOPS = {
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H200 NVL": 835.0,
+    "H200": 989.0,
+    "H100": 989.0,
+    "A100": 312.0,
+}
 SCALAR_FREQUENCY_SIZE = 256  # width of the sinusoidal features of t and fps (ScalarEmbedder)
 
 

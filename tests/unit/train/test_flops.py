@@ -117,3 +117,13 @@ def test_throughput_metrics_mfu_only_with_a_peak():
     assert cpu == {"model_tflops": pytest.approx(4.0)}
     recompute = throughput_metrics(3e12, 4e12, 1.0, peak_tflops=10.0)
     assert recompute["hardware_tflops"] == pytest.approx(4.0) and recompute["hfu"] == pytest.approx(0.4)
+
+
+def test_datasheet_peak_by_device_name(monkeypatch):
+    from mugen.train import flops
+
+    monkeypatch.setattr(flops.torch.cuda, "is_available", lambda: True)
+    for name, peak in (("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200", 989.0), ("Tesla T4", None)):
+        monkeypatch.setattr(flops.torch.cuda, "get_device_name", lambda device, name=name: name)
+        assert flops.datasheet_peak_tflops("cuda") == peak
+    assert flops.datasheet_peak_tflops("cpu") is None
