@@ -141,6 +141,11 @@ class ShapeBucketBatchSampler:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a position; the next ``__iter__`` continues at exactly the next batch."""
+        if state.get("kind") == "balanced":
+            raise MugenError(
+                "ShapeBucketBatchSampler.load_state_dict: the checkpoint was written with the cost-balanced sampler; "
+                "resume with it (`mugen train dit --balanced`) or start a new run"
+            )
         current = self.state_dict()
         for name in ("seed", "num_samples", "batches_per_epoch", "batch_size", "drop_last", "shuffle"):
             if name in state and state[name] != current[name]:

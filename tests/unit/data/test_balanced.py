@@ -152,6 +152,8 @@ def test_resume_refuses_a_different_unit_definition(skewed):
         sampler(keys, tokens, cost, batch_size=2).load_state_dict(state)
     with pytest.raises(MugenError, match="plain shape-bucket"):
         sampler(keys, tokens, cost).load_state_dict({"epoch": 0, "batches_done": 3})
+    with pytest.raises(MugenError, match="--balanced"):
+        ShapeBucketBatchSampler(keys, batch_size=2).load_state_dict(state)
 
 
 def test_rank_out_of_range_is_a_user_error(skewed):
