@@ -111,6 +111,12 @@ def print_plan(result, preset: str, top: int) -> None:
         f"{workload.text_tokens} text tokens, global batch {workload.global_batch}; "
         f"{result.gpus} x {result.gpu.name} ({result.usable_gib:.1f} GiB usable each)"
     )
+    links = result.links
+    console.print(
+        f"[dim]rates: matmul {result.gpu.matmul_tflops:.0f}, attention {result.gpu.attention_tflops:.0f} TFLOP/s, "
+        f"{result.gpu.memory_gbps:.0f} GB/s ({result.gpu.source}); links (assumed): {links.intra_node_gbps:.0f} GB/s "
+        f"inside a {links.gpus_per_node}-GPU node, {links.inter_node_gbps:.0f} GB/s across nodes, per GPU[/dim]"
+    )
     table = Table(show_lines=False, header_style="bold")
     for title in ("layout", "µb", "params", "grads", "optim", "bf16 w", "act/blk", "acts", "attn ws", "peak GiB", "fits",
                   "compute ms", "comm ms", "bubble ms", "step ms", "MFU"):
