@@ -25,3 +25,12 @@ def test_train_dit_balanced_logs_balance_wait_and_tflops(tmp_path):
         next((tmp_path / "run" / "checkpoints").glob("step_*")) / "training_state.pt", weights_only=False
     )
     assert state["sampler"]["kind"] == "balanced" and state["sampler"]["position"] == 4 * 2
+
+
+def test_cost_coefficients_from_the_config_are_checked(tmp_path, capsys):
+    manifest = build_latent_dataset(tmp_path / "data", videos=2, images=2, text_dim=32)
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"data": {"cost_coefficients": [1.0, 2.0]}}))
+    argv = ["train", "dit", "--manifest", str(manifest), "--output", str(tmp_path / "run"), "--config", str(config), "--balanced"]
+    assert main(argv) == 2
+    assert "cost_coefficients" in capsys.readouterr().err

@@ -126,7 +126,19 @@ def run_dit(args) -> int:
         text_encoder=args.text_encoder,
         balanced=args.balanced or bool(record.get("data", {}).get("balanced", False)),
         max_tokens=args.max_tokens or record.get("data", {}).get("max_tokens"),
+        cost_coefficients=_cost_coefficients(record.get("data", {}).get("cost_coefficients")),
     )
     history = train_dit(spec, resume=not args.no_resume)
     print(f"trained {len(history)} steps; run folder {args.output}")
     return 0
+
+
+def _cost_coefficients(value):
+    """Config ``data.cost_coefficients``: [a, b, c] of a sample's cost a + b*N + c*N^2 (N tokens)."""
+    from mugen.errors import MugenError
+
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or len(value) != 3 or not all(isinstance(v, (int, float)) for v in value):
+        raise MugenError(f"config data.cost_coefficients={value!r}: give three numbers [a, b, c] for cost = a + b*N + c*N^2")
+    return tuple(float(v) for v in value)

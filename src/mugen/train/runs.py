@@ -71,6 +71,7 @@ class DiTRunSpec:
     # the most expensive shape, cheaper shapes get more, up to max_tokens tokens per micro-batch.
     balanced: bool = False
     max_tokens: int | None = None
+    cost_coefficients: tuple[float, float, float] | None = None  # (a, b, c) of a + bN + cN^2; default: DiT FLOPs
 
 
 def train_dit(spec: DiTRunSpec, resume: bool = True) -> list[dict]:
@@ -115,7 +116,7 @@ def train_dit(spec: DiTRunSpec, resume: bool = True) -> list[dict]:
         sampler = BalancedBatchSampler(
             keys,
             [dit_tokens_for_shape_key(key, config.patch_size) for key in keys],
-            SampleCost.for_dit(config, text_tokens=first["text_states"].shape[0]),
+            SampleCost(*spec.cost_coefficients) if spec.cost_coefficients else SampleCost.for_dit(config, text_tokens=first["text_states"].shape[0]),
             batch_size=spec.batch_size,
             micro_batches=spec.train.grad_accum,
             seed=spec.train.seed,
