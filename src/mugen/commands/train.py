@@ -25,7 +25,14 @@ def register(commands) -> None:
     dit.add_argument("--preset", default="debug", help="DiT preset: debug, 1B, 2B, 4B, 10B, 18B")
     dit.add_argument("--vae", default=None, help="the VAE the latents came from: a mugen VAE folder or the released vae.pt (recorded for `mugen generate`)")
     dit.add_argument("--text-encoder", default="minilm", help="the text encoder that made the features (recorded for `mugen generate`)")
-    dit.add_argument("--image-batch-size", type=int, default=None, help="batch size for image buckets (default: --batch-size)")
+    dit.add_argument("--image-batch-size", type=int, default=None, help="batch size for image buckets (default: --batch-size; with --balanced: the cap of any bucket)")
+    dit.add_argument(
+        "--balanced",
+        action="store_true",
+        help="cost-balanced micro-batches (seed §5.2): --batch-size samples of the costliest shape, cheaper shapes "
+        "get more; ranks and micro-batches (train.grad_accum) get near-equal FLOPs; resumable on another world size",
+    )
+    dit.add_argument("--max-tokens", type=int, default=None, help="with --balanced: at most this many tokens per micro-batch (bounds memory)")
     dit.add_argument("--init-from", default=None, help="start from these weights with a fresh optimizer (e.g. a `mugen expand` output, seed §4.2.1)")
     _add_common(dit)
     dit.set_defaults(handler=run_dit)
@@ -49,6 +56,8 @@ def _add_common(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="samples per micro-batch")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate")
     parser.add_argument("--seed", type=int, default=None, help="random seed")
+    parser.add_argument("--prefetch", type=int, default=None, help="batches loaded ahead on a background thread (0: none; default 2)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator per GPU (default: the datasheet bf16 peak of H100/H200)")
     parser.add_argument("--no-resume", action="store_true", help="start from scratch even if the folder holds a checkpoint")
     add_device(parser)
 
@@ -58,7 +67,7 @@ def _train_config(args, record: dict):
     from mugen.train.trainer import TrainConfig
 
     values = dict(record.get("train", {}))
-    for flag, key in (("steps", "steps"), ("lr", "lr"), ("seed", "seed")):
+    for flag, key in (("steps", "steps"), ("lr", "lr"), ("seed", "seed"), ("prefetch", "prefetch"), ("peak_tflops", "peak_tflops")):
         if getattr(args, flag) is not None:
             values[key] = getattr(args, flag)
     return dataclass_from_dict(TrainConfig, values, "config section 'train'")
@@ -135,11 +144,25 @@ def run_dit(args) -> int:
         device=resolve_device(args.device),
         vae_dir=vae_path,
         text_encoder=args.text_encoder,
+        balanced=args.balanced or bool(record.get("data", {}).get("balanced", False)),
+        max_tokens=args.max_tokens or record.get("data", {}).get("max_tokens"),
+        cost_coefficients=_cost_coefficients(record.get("data", {}).get("cost_coefficients")),
         init_from=args.init_from,
     )
     history = train_dit(spec, resume=not args.no_resume)
     print(f"trained {len(history)} steps; run folder {args.output}")
     return 0
+
+
+def _cost_coefficients(value):
+    """Config ``data.cost_coefficients``: [a, b, c] of a sample's cost a + b*N + c*N^2 (N tokens)."""
+    from mugen.errors import MugenError
+
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or len(value) != 3 or not all(isinstance(v, (int, float)) for v in value):
+        raise MugenError(f"config data.cost_coefficients={value!r}: give three numbers [a, b, c] for cost = a + b*N + c*N^2")
+    return tuple(float(v) for v in value)
 
 
 def run_preference(args) -> int:

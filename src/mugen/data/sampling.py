@@ -28,6 +28,18 @@ import numpy as np
 from mugen.errors import MugenError
 
 
+def group_by_shape(shape_keys) -> tuple[list[Hashable], list[np.ndarray]]:
+    """Bucket keys in order of first appearance (independent of hash order) and each bucket's indices."""
+    keys: list[Hashable] = []
+    members: dict[Hashable, list[int]] = {}
+    for index, key in enumerate(shape_keys):
+        if key not in members:
+            members[key] = []
+            keys.append(key)
+        members[key].append(index)
+    return keys, [np.asarray(members[key], dtype=np.int64) for key in keys]
+
+
 class ShapeBucketBatchSampler:
     """Yields lists of dataset indices; every list holds samples of one shape key."""
 
@@ -50,18 +62,10 @@ class ShapeBucketBatchSampler:
         self.batch_size = int(batch_size)
         self.num_samples = len(shape_keys)
 
-        # Buckets in order of first appearance, so the grouping does not depend on hash order.
-        self._bucket_keys: list[Hashable] = []
-        bucket_members: dict[Hashable, list[int]] = {}
-        for index, key in enumerate(shape_keys):
-            if key not in bucket_members:
-                bucket_members[key] = []
-                self._bucket_keys.append(key)
-            bucket_members[key].append(index)
-        self._bucket_indices = [np.asarray(bucket_members[key], dtype=np.int64) for key in self._bucket_keys]
+        self._bucket_keys, self._bucket_indices = group_by_shape(shape_keys)
 
         batch_size_for_key = dict(batch_size_for_key or {})
-        unknown = [key for key in batch_size_for_key if key not in bucket_members]
+        unknown = [key for key in batch_size_for_key if key not in self._bucket_keys]
         if unknown:
             raise MugenError(
                 f"ShapeBucketBatchSampler: batch_size_for_key names shape keys {unknown[:3]} that no sample has; "
@@ -137,6 +141,11 @@ class ShapeBucketBatchSampler:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a position; the next ``__iter__`` continues at exactly the next batch."""
+        if state.get("kind") == "balanced":
+            raise MugenError(
+                "ShapeBucketBatchSampler.load_state_dict: the checkpoint was written with the cost-balanced sampler; "
+                "resume with it (`mugen train dit --balanced`) or start a new run"
+            )
         current = self.state_dict()
         for name in ("seed", "num_samples", "batches_per_epoch", "batch_size", "drop_last", "shuffle"):
             if name in state and state[name] != current[name]:

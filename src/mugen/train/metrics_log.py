@@ -5,6 +5,11 @@ Per optimizer step the trainer hands over one record (``step``, ``loss``, ``lr``
 ``log_every`` steps the window is summarised: means over the steps that were applied, the last
 learning rate, the number of skipped steps, and the mean loss per flow-time bin (losses differ by
 an order of magnitude across t, so one mean hides where the model is still poor).
+
+Speed figures are logged to TensorBoard every step (``perf/*``: step time, the fraction of it spent
+waiting for data, model TFLOP/s per GPU and MFU) and summarised per window as ratios of sums (the
+window's data wait over its time, its FLOPs over its time), counting skipped steps too: they cost
+the same time.
 """
 
 from __future__ import annotations
@@ -25,6 +30,11 @@ from tqdm.auto import tqdm
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 _STANDARD_FIELDS = ("step", "loss", "lr", "grad_norm", "skipped")
+# Per-step speed fields of a record: logged every step, summarised over all steps of a window.
+PERF_FIELDS = (
+    "step_time_s", "data_wait_s", "data_wait_fraction", "model_flops", "hardware_flops",
+    "model_tflops", "hardware_tflops", "mfu", "hfu", "rank_cost_imbalance", "micro_batch_cost_imbalance",
+)
 
 
 def timestep_bin_sums(per_sample: Tensor, timesteps: Tensor, bins: int) -> tuple[Tensor, Tensor]:
@@ -53,6 +63,7 @@ class MetricsLogger:
         start_step: int = 0,
         log_every: int = 10,
         timestep_bins: int = 10,
+        peak_tflops: float | None = None,
     ):
         from torch.utils.tensorboard import SummaryWriter  # imported here: tensorboard is slow to import
 
@@ -60,6 +71,7 @@ class MetricsLogger:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.log_every = max(1, int(log_every))
         self.timestep_bins = int(timestep_bins)
+        self.peak_tflops = peak_tflops
         self.metrics_path = self.output_dir / METRICS_FILE
         self._drop_records_after(start_step)
         # Events of steps after the resumed checkpoint came from a run that was cut off: purge them.
@@ -91,6 +103,8 @@ class MetricsLogger:
         self._bin_sums = torch.zeros(self.timestep_bins, dtype=torch.float64)
         self._bin_counts = torch.zeros(self.timestep_bins, dtype=torch.float64)
         self._window_start = time.perf_counter()
+        self._perf_sums: dict[str, float] = {}
+        self._perf_max: dict[str, float] = {}
 
     def log_step(
         self, record: dict, per_sample: Sequence[Tensor] = (), timesteps: Sequence[Tensor] = ()
@@ -103,15 +117,29 @@ class MetricsLogger:
         else:
             self._applied_steps += 1
             for name, value in record.items():
-                if name not in ("step", "lr", "skipped") and isinstance(value, (int, float)):
+                if name not in ("step", "lr", "skipped") and name not in PERF_FIELDS and isinstance(value, (int, float)):
                     self._sums[name] = self._sums.get(name, 0.0) + float(value)
             for losses, times in zip(per_sample, timesteps):
                 sums, counts = timestep_bin_sums(losses, times, self.timestep_bins)
                 self._bin_sums += sums
                 self._bin_counts += counts
+        for name in PERF_FIELDS:
+            if name in record:
+                value = float(record[name])
+                self._perf_sums[name] = self._perf_sums.get(name, 0.0) + value
+                self._perf_max[name] = max(self._perf_max.get(name, value), value)
+                if name not in ("model_flops", "hardware_flops") and math.isfinite(value):
+                    self.writer.add_scalar(f"perf/{name}", value, record["step"])
         self.progress.update(1)
         if math.isfinite(record["loss"]):
-            self.progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
+            postfix = {"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}"}
+            if "data_wait_fraction" in record:
+                postfix["data_wait"] = f"{100 * record['data_wait_fraction']:.1f}%"
+            if "mfu" in record:
+                postfix["mfu"] = f"{100 * record['mfu']:.1f}%"
+            elif "model_tflops" in record:
+                postfix["TFLOP/s"] = f"{record['model_tflops']:.3g}"
+            self.progress.set_postfix(postfix, refresh=False)
         if record["step"] % self.log_every == 0:
             return self.flush(record["step"])
         return None
@@ -130,6 +158,7 @@ class MetricsLogger:
         summary["steps_per_s"] = self._window_steps / elapsed
         for name, total in sorted(self._sums.items()):
             summary[name] = total / applied
+        summary.update(self._perf_summary())
         loss_by_t = {}
         for index in range(self.timestep_bins):
             if self._bin_counts[index] > 0:
@@ -147,6 +176,32 @@ class MetricsLogger:
             clean = {name: _finite_or_none(value) for name, value in summary.items()}
             handle.write(json.dumps(clean) + "\n")
         self._reset_window()
+        return summary
+
+    def _perf_summary(self) -> dict:
+        """Window speed figures: ratios of sums over every step of the window."""
+        sums = self._perf_sums
+        summary: dict = {}
+        seconds = sums.get("step_time_s", 0.0)
+        if seconds <= 0:
+            return summary
+        summary["step_time_s"] = seconds / self._window_steps
+        if "data_wait_s" in sums:
+            summary["data_wait_fraction"] = sums["data_wait_s"] / seconds
+            summary["data_wait_fraction_max"] = self._perf_max.get("data_wait_fraction", float("nan"))
+        for kind in ("model", "hardware"):
+            if f"{kind}_flops" in sums:
+                tflops = sums[f"{kind}_flops"] / seconds / 1e12
+                summary[f"{kind}_tflops"] = tflops
+                if self.peak_tflops:
+                    summary["mfu" if kind == "model" else "hfu"] = tflops / self.peak_tflops
+        if sums.get("hardware_flops", 0.0) <= sums.get("model_flops", 0.0):  # no recomputation: hardware = model
+            summary.pop("hardware_tflops", None)
+            summary.pop("hfu", None)
+        for name in ("rank_cost_imbalance", "micro_batch_cost_imbalance"):
+            if name in sums:
+                summary[name] = sums[name] / self._window_steps
+                summary[f"{name}_max"] = self._perf_max[name]
         return summary
 
     def warn(self, message: str) -> None:

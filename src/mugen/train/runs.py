@@ -67,6 +67,11 @@ class DiTRunSpec:
     vae_dir: str | None = None  # recorded for `mugen generate`
     text_encoder: str = "minilm"  # recorded for `mugen generate`; must be what made the features
     cache_in_memory: bool = False  # keep loaded samples in RAM (small datasets)
+    # seed §5.2: cost-balanced micro-batches (mugen.data.balanced); batch_size then counts samples of
+    # the most expensive shape, cheaper shapes get more, up to max_tokens tokens per micro-batch.
+    balanced: bool = False
+    max_tokens: int | None = None
+    cost_coefficients: tuple[float, float, float] | None = None  # (a, b, c) of a + bN + cN^2; default: DiT FLOPs
     # Start from these weights (a run folder, step folder or `mugen expand` output) with a fresh
     # optimizer, e.g. after parameter expansion (seed §4.2.1) or for SFT on a pre-trained model.
     # Ignored when the output folder already holds a checkpoint (the run resumes from it instead).
@@ -130,12 +135,41 @@ def train_dit(spec: DiTRunSpec, resume: bool = True) -> list[dict]:
     if spec.init_from:
         initialise_from(model, spec.init_from)
     keys = dataset.shape_keys()
-    per_key = None
-    if spec.image_batch_size:
-        per_key = {key: spec.image_batch_size for key in set(keys) if key[0] == "image"}
-    sampler = ShapeBucketBatchSampler(keys, spec.batch_size, seed=spec.train.seed, batch_size_for_key=per_key)
+    if spec.balanced:
+        from mugen.data.balanced import BalancedBatchSampler, SampleCost, dit_tokens_for_shape_key
+
+        sampler = BalancedBatchSampler(
+            keys,
+            [dit_tokens_for_shape_key(key, config.patch_size) for key in keys],
+            SampleCost(*spec.cost_coefficients) if spec.cost_coefficients else SampleCost.for_dit(config, text_tokens=first["text_states"].shape[0]),
+            batch_size=spec.batch_size,
+            micro_batches=spec.train.grad_accum,
+            seed=spec.train.seed,
+            max_batch_size=spec.image_batch_size,
+            max_tokens=spec.max_tokens,
+        )
+        log.info(
+            "balanced batches: %s",
+            ", ".join(f"{key}: {size}" for key, size in zip(sampler.bucket_keys, sampler.bucket_batch_sizes)),
+        )
+    else:
+        per_key = None
+        if spec.image_batch_size:
+            per_key = {key: spec.image_batch_size for key in set(keys) if key[0] == "image"}
+        sampler = ShapeBucketBatchSampler(keys, spec.batch_size, seed=spec.train.seed, batch_size_for_key=per_key)
+    from mugen.train.flops import DiTStepFlops
+
     trainer = Trainer(
-        model, DiTFlowTask(spec.task, null_text), dataset, sampler, collate_latent_batch, spec.train, spec.output_dir, device=spec.device, resume=resume
+        model,
+        DiTFlowTask(spec.task, null_text),
+        dataset,
+        sampler,
+        collate_latent_batch,
+        spec.train,
+        spec.output_dir,
+        device=spec.device,
+        resume=resume,
+        flop_counter=DiTStepFlops(config),
     )
     return trainer.fit()
 

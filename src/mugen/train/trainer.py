@@ -17,6 +17,12 @@ What the loop guarantees:
   schedule's value at s). More than ``max_nonfinite_steps`` such steps stop the run.
 * Checkpoints are atomic (see ``checkpoint.py``) and written every ``checkpoint_every`` steps and
   at the end.
+* Data arrives through a background ``PrefetchLoader`` (``config.prefetch`` batches ahead; seed
+  §5.2). Every step logs the time it waited for data as a fraction of the step time
+  (``data_wait_fraction``, goal < 2%), and, given a ``flop_counter``, the model TFLOP/s per GPU and
+  the MFU against the datasheet peak (``mugen.train.flops``). With a ``BalancedBatchSampler`` the data
+  position is one global counter (resumable on another world size) and the step's cost imbalance
+  across ranks and micro-batches is logged.
 
 Step numbering: the k-th optimizer step has index ``k - 1`` (used for the LR schedule and the
 micro-batch seeds) and is reported as ``step = k``; ``checkpoints/step_{k:08d}`` holds the state
@@ -28,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -39,6 +46,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from mugen.data.balanced import BalancedBatchSampler
+from mugen.data.loader import PrefetchLoader, move_to_device
 from mugen.data.sampling import ShapeBucketBatchSampler
 from mugen.errors import MugenError
 from mugen.train.checkpoint import (
@@ -48,6 +57,7 @@ from mugen.train.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from mugen.train.flops import datasheet_peak_tflops, throughput_metrics
 from mugen.train.lr_schedule import build_lr_lambda
 from mugen.train.metrics_log import MetricsLogger, write_loss_curve_png
 
@@ -55,7 +65,9 @@ MIXED_PRECISION_MODES = ("auto", "bf16", "no")
 LOSS_CURVE_FILE = "loss_curve.png"
 _LOADER_STREAM = 2**32  # third seed word of DataLoader generators; micro-batch indices never reach it
 # Config fields that do not change the numbers a run computes (allowed to change on resume).
-_BOOKKEEPING_FIELDS = {"steps", "log_every", "checkpoint_every", "keep_checkpoints", "num_workers", "timestep_bins"}
+_BOOKKEEPING_FIELDS = {
+    "steps", "log_every", "checkpoint_every", "keep_checkpoints", "num_workers", "timestep_bins", "prefetch", "peak_tflops"
+}
 
 
 @dataclass
@@ -78,6 +90,8 @@ class TrainConfig:
     max_nonfinite_steps: int = 5  # skipped NaN/Inf steps tolerated in a run; one more stops it
     timestep_bins: int = 10
     num_workers: int = 0
+    prefetch: int = 2  # batches loaded ahead on a background thread; 0 loads in the training thread
+    peak_tflops: float = 0.0  # MFU denominator per GPU; 0 = datasheet bf16 peak of a known GPU (none on CPU)
 
     def validate(self) -> None:
         checks = [
@@ -96,6 +110,8 @@ class TrainConfig:
             (self.max_nonfinite_steps >= 0, f"max_nonfinite_steps={self.max_nonfinite_steps} must be >= 0"),
             (self.timestep_bins >= 1, f"timestep_bins={self.timestep_bins} must be at least 1"),
             (self.num_workers >= 0, f"num_workers={self.num_workers} must be >= 0"),
+            (self.prefetch >= 0, f"prefetch={self.prefetch} must be >= 0 (0 disables the background loader)"),
+            (self.peak_tflops >= 0, f"peak_tflops={self.peak_tflops} must be >= 0 (0 = datasheet peak)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -121,18 +137,6 @@ class Stateful(Protocol):
     def load_state_dict(self, state: dict) -> Any: ...
 
 
-def move_to_device(value: Any, device: torch.device) -> Any:
-    """Move tensors in nested dicts/lists/tuples to ``device``; leave everything else as is."""
-    if isinstance(value, Tensor):
-        return value.to(device, non_blocking=device.type == "cuda")
-    if isinstance(value, dict):
-        return {key: move_to_device(item, device) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        moved = [move_to_device(item, device) for item in value]
-        return type(value)(moved) if isinstance(value, list) else tuple(moved)
-    return value
-
-
 def derived_seed(*values: int) -> int:
     """A 63-bit seed that depends only on ``values`` (non-negative ints), mixed by NumPy's SeedSequence."""
     state = np.random.SeedSequence([int(value) for value in values]).generate_state(2, dtype=np.uint32)
@@ -151,6 +155,11 @@ class Trainer:
     (e.g. an EMA) saved into and restored from every checkpoint.
     ``on_step_end``: called as ``on_step_end(step, model)`` after every applied optimizer step
     (e.g. to update an EMA); not called for skipped steps.
+    ``flop_counter``: ``flop_counter(batch) -> (model_flops, hardware_flops)`` of one micro-batch
+    (e.g. ``mugen.train.flops.DiTStepFlops``); enables the TFLOP/s and MFU logs.
+    ``batch_sampler``: a ``ShapeBucketBatchSampler`` (position = epoch, batches consumed) or a
+    ``BalancedBatchSampler`` (position = global units consumed; its ``micro_batches`` must equal
+    ``config.grad_accum``).
     """
 
     def __init__(
@@ -158,7 +167,7 @@ class Trainer:
         model: nn.Module,
         task: TrainTask,
         dataset,
-        batch_sampler: ShapeBucketBatchSampler,
+        batch_sampler: ShapeBucketBatchSampler | BalancedBatchSampler,
         collate_fn,
         config: TrainConfig,
         output_dir,
@@ -166,8 +175,15 @@ class Trainer:
         resume: bool = True,
         extra_state: Callable[[], dict[str, Stateful]] | None = None,
         on_step_end: Callable[[int, nn.Module], None] | None = None,
+        flop_counter: Callable[[dict], tuple[float, float]] | None = None,
     ):
         config.validate()
+        self._stream_sampler = bool(getattr(batch_sampler, "is_stream", False))
+        if self._stream_sampler and batch_sampler.micro_batches != config.grad_accum:
+            raise MugenError(
+                f"Trainer: the balanced sampler plans {batch_sampler.micro_batches} micro-batches per rank and step but "
+                f"grad_accum={config.grad_accum}; build the sampler with micro_batches=grad_accum"
+            )
         if len(batch_sampler) == 0:
             raise MugenError(
                 "Trainer: the batch sampler yields no batches (every bucket is smaller than its batch size "
@@ -184,6 +200,8 @@ class Trainer:
         self.resume = resume
         self.extra_state = extra_state
         self.on_step_end = on_step_end
+        self.flop_counter = flop_counter
+        self.peak_tflops = config.peak_tflops or datasheet_peak_tflops(self.device)
 
         trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
         if not trainable:
@@ -210,15 +228,21 @@ class Trainer:
         self.nonfinite_steps = 0
         self.last_nonfinite_step: int | None = None
         self.history: list[dict] = []
-        # Data position as consumed by training (a DataLoader with workers reads ahead of it).
-        self._data_epoch = batch_sampler.epoch
-        self._data_batches_done = batch_sampler.batches_done
+        # Data position as consumed by training (the prefetch loader and workers read ahead of it).
+        if self._stream_sampler:
+            self._data_position = batch_sampler.position
+        else:
+            self._data_epoch = batch_sampler.epoch
+            self._data_batches_done = batch_sampler.batches_done
 
     # ------------------------------------------------------------------------------- checkpoint
     def _training_state(self) -> dict:
         extra = {name: item.state_dict() for name, item in (self.extra_state() if self.extra_state else {}).items()}
-        sampler_state = self.batch_sampler.state_dict(batches_done=self._data_batches_done)
-        sampler_state["epoch"] = self._data_epoch
+        if self._stream_sampler:
+            sampler_state = self.batch_sampler.state_dict(position=self._data_position)
+        else:
+            sampler_state = self.batch_sampler.state_dict(batches_done=self._data_batches_done)
+            sampler_state["epoch"] = self._data_epoch
         return {
             "step": self.step,
             "optimizer": self.optimizer.state_dict(),
@@ -262,8 +286,11 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self._apply_config_to_optimizer()
         self.batch_sampler.load_state_dict(state["sampler"])
-        self._data_epoch = self.batch_sampler.epoch
-        self._data_batches_done = self.batch_sampler.batches_done
+        if self._stream_sampler:
+            self._data_position = self.batch_sampler.position
+        else:
+            self._data_epoch = self.batch_sampler.epoch
+            self._data_batches_done = self.batch_sampler.batches_done
         self.step = int(state["step"])
         self.nonfinite_steps = int(state["nonfinite_steps"])
         self.last_nonfinite_step = state["last_nonfinite_step"]
@@ -296,25 +323,39 @@ class Trainer:
             )
 
     # ------------------------------------------------------------------------------------- data
-    def _micro_batches(self) -> Iterator[dict]:
-        """Collated batches forever, epoch after epoch, tracking the position training consumed."""
+    def _data_loader(self, loader_seed: int) -> DataLoader:
+        # A generator of its own, so worker seeding does not draw from the global RNG and the
+        # global stream is the same whether or not the run was resumed. (Randomness inside
+        # Dataset.__getitem__ is not covered: keep datasets deterministic.)
+        return DataLoader(
+            self.dataset,
+            batch_sampler=self.batch_sampler,
+            collate_fn=self.collate_fn,
+            num_workers=self.config.num_workers,
+            pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(loader_seed),
+        )
+
+    def _batch_source(self) -> Iterator[dict]:
+        """Collated batches forever from the consumed position on (runs ahead of training when prefetched)."""
+        if self._stream_sampler:
+            self.batch_sampler.seek_position(self._data_position)
+            yield from self._data_loader(derived_seed(self.config.seed, self._data_position, _LOADER_STREAM))
+            return
+        epoch, batches_done = self._data_epoch, self._data_batches_done
         while True:
-            self.batch_sampler.seek(self._data_epoch, self._data_batches_done)
-            # A generator of its own, so worker seeding does not draw from the global RNG and the
-            # global stream is the same whether or not the run was resumed. (Randomness inside
-            # Dataset.__getitem__ on workers is not covered: keep datasets deterministic.)
-            loader_generator = torch.Generator().manual_seed(derived_seed(self.config.seed, self._data_epoch, _LOADER_STREAM))
-            loader = DataLoader(
-                self.dataset,
-                batch_sampler=self.batch_sampler,
-                collate_fn=self.collate_fn,
-                num_workers=self.config.num_workers,
-                pin_memory=self.device.type == "cuda",
-                generator=loader_generator,
-            )
-            for batch in loader:
-                self._data_batches_done += 1
-                yield batch
+            self.batch_sampler.seek(epoch, batches_done)
+            yield from self._data_loader(derived_seed(self.config.seed, epoch, _LOADER_STREAM))
+            epoch, batches_done = epoch + 1, 0
+
+    def _consumed_batch(self, micro_index: int) -> None:
+        """Advance the data position by one micro-batch that training took."""
+        if self._stream_sampler:
+            if micro_index == self.config.grad_accum - 1:  # a global step's units are consumed together
+                self._data_position += self.batch_sampler.units_per_step
+            return
+        self._data_batches_done += 1
+        if self._data_batches_done >= len(self.batch_sampler):
             self._data_epoch += 1
             self._data_batches_done = 0
 
@@ -324,9 +365,13 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
-    def _train_step(self, batches: Iterator[dict], logger: MetricsLogger) -> dict:
+    def _train_step(self, batches: PrefetchLoader, logger: MetricsLogger) -> dict:
         """One optimizer step over ``grad_accum`` micro-batches; returns the step's record."""
+        step_start = time.perf_counter()
+        data_wait = 0.0
+        model_flops = hardware_flops = 0.0
         config = self.config
+        balance = self.batch_sampler.step_plan(self._data_position) if self._stream_sampler else None
         step_index = self.step
         lr = self.optimizer.param_groups[0]["lr"]
         total_loss = 0.0
@@ -339,7 +384,14 @@ class Trainer:
 
         self.optimizer.zero_grad(set_to_none=True)
         for micro_index in range(config.grad_accum):
-            batch = move_to_device(next(batches), self.device)
+            batch = next(batches)
+            data_wait += batches.last_wait_s
+            self._consumed_batch(micro_index)
+            batch = move_to_device(batch, self.device)
+            if self.flop_counter is not None:
+                flops = self.flop_counter(batch)
+                model_flops += flops[0]
+                hardware_flops += flops[1]
             if isinstance(batch, dict) and "sample_ids" in batch:
                 ids = batch["sample_ids"]
                 sample_ids.extend(ids.tolist() if isinstance(ids, Tensor) else list(ids))
@@ -391,6 +443,13 @@ class Trainer:
         record = {"step": self.step, "loss": total_loss, "lr": lr, "grad_norm": grad_norm, "skipped": nonfinite}
         if num_samples:
             record["samples"] = num_samples
+        step_time = time.perf_counter() - step_start
+        record.update(step_time_s=step_time, data_wait_s=data_wait, data_wait_fraction=data_wait / max(step_time, 1e-12))
+        if self.flop_counter is not None:
+            record.update(model_flops=model_flops, hardware_flops=hardware_flops)
+            record.update(throughput_metrics(model_flops, hardware_flops, step_time, self.peak_tflops))
+        if balance is not None:
+            record.update(rank_cost_imbalance=balance.rank_imbalance, micro_batch_cost_imbalance=balance.micro_batch_imbalance)
         record.update(metric_sums)
         logger.log_step(record, per_sample_losses if not nonfinite else (), sample_timesteps if not nonfinite else ())
         return record
@@ -418,8 +477,9 @@ class Trainer:
             start_step=self.step,
             log_every=config.log_every,
             timestep_bins=config.timestep_bins,
+            peak_tflops=self.peak_tflops,
         )
-        batches = self._micro_batches()
+        batches = PrefetchLoader(self._batch_source(), device=self.device, depth=config.prefetch)
         try:
             while self.step < config.steps:
                 self.history.append(self._train_step(batches, logger))

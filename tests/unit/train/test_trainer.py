@@ -1,4 +1,5 @@
 import json
+import time
 import math
 
 import pytest
@@ -290,3 +291,104 @@ def test_bad_config_fails_clearly(tmp_path):
         flow_trainer(tmp_path, steps=2, mixed_precision="fp8")
     with pytest.raises(MugenError, match="warmup_steps"):
         flow_trainer(tmp_path, steps=2, warmup_steps=5)
+
+
+# ------------------------------------------------------------ balanced data, prefetch and speed logs
+def balanced_flow_trainer(output_dir, steps, world_size=1, rank=0, grad_accum=2, **config_changes):
+    from mugen.data.balanced import BalancedBatchSampler, SampleCost
+
+    torch.manual_seed(0)
+    dataset = ImageDataset()
+    tokens = [h * w for _, h, w in dataset.shapes]
+    sampler = BalancedBatchSampler(
+        dataset.shapes, tokens, SampleCost(0.0, 1.0, 0.01), batch_size=3, micro_batches=grad_accum,
+        world_size=world_size, rank=rank, seed=5,
+    )
+    config = TrainConfig(steps=steps, lr=3e-3, grad_accum=grad_accum, log_every=4, checkpoint_every=5, seed=9, decay="constant")
+    for name, value in config_changes.items():
+        setattr(config, name, value)
+    return Trainer(VelocityNet(), FlowTask(), dataset, sampler, collate, config, output_dir)
+
+
+def test_balanced_sampler_trains_and_resumes_exactly(tmp_path):
+    uninterrupted = balanced_flow_trainer(tmp_path / "one_go", steps=12).fit()
+    balanced_flow_trainer(tmp_path / "resumed", steps=5).fit()
+    resumed = balanced_flow_trainer(tmp_path / "resumed", steps=12).fit()
+    assert losses(resumed) == losses(uninterrupted)  # bitwise on the CPU, across epoch boundaries
+    assert all("rank_cost_imbalance" in record and "micro_batch_cost_imbalance" in record for record in uninterrupted)
+    state = torch.load(latest_checkpoint(tmp_path / "resumed") / "training_state.pt", weights_only=False)
+    assert state["sampler"]["position"] == 12 * 2  # one global counter: 12 steps x 2 micro-batches x 1 rank
+
+
+def test_balanced_sampler_saved_on_two_ranks_resumes_on_one(tmp_path):
+    """Rank 0 of a 2-rank run saves at step 4; a 1-rank run continues at the same global position."""
+    two = balanced_flow_trainer(tmp_path, steps=4, world_size=2, rank=0)
+    two.fit()
+    assert two._data_position == 4 * 2 * 2
+    one = balanced_flow_trainer(tmp_path, steps=6, world_size=1, rank=0)
+    one._restore(latest_checkpoint(tmp_path))
+    assert one._data_position == 16 and one.batch_sampler.position == 16
+
+
+def test_balanced_sampler_needs_matching_micro_batches(tmp_path):
+    with pytest.raises(MugenError, match="micro_batches=grad_accum"):
+        trainer = balanced_flow_trainer(tmp_path, steps=2, grad_accum=2)
+        Trainer(trainer.model, FlowTask(), trainer.dataset, trainer.batch_sampler, collate, TrainConfig(steps=2, grad_accum=3), tmp_path)
+
+
+class SlowImageDataset(ImageDataset):
+    def __getitem__(self, index):
+        time.sleep(0.006)  # reading and decoding a file
+        return super().__getitem__(index)
+
+
+class SlowFlowTask(FlowTask):
+    def compute_loss(self, model, batch, generator):
+        time.sleep(0.05)  # a step that keeps the accelerator busy
+        return super().compute_loss(model, batch, generator)
+
+
+def test_prefetch_hides_data_loading_and_the_wait_is_logged_every_step(tmp_path):
+    def run(prefetch):
+        torch.manual_seed(0)
+        dataset = SlowImageDataset()
+        sampler = ShapeBucketBatchSampler(dataset.shapes, batch_size=4, seed=5)
+        config = TrainConfig(steps=8, lr=3e-3, log_every=4, seed=9, prefetch=prefetch)
+        trainer = Trainer(VelocityNet(), SlowFlowTask(), dataset, sampler, collate, config, tmp_path / str(prefetch))
+        return trainer.fit()
+
+    synchronous = run(prefetch=0)
+    prefetched = run(prefetch=2)
+    assert losses(prefetched) == losses(synchronous)  # the loader changes timing only
+    assert all({"step_time_s", "data_wait_s", "data_wait_fraction"} <= set(record) for record in prefetched)
+    wait = lambda history: sum(r["data_wait_s"] for r in history[1:]) / sum(r["step_time_s"] for r in history[1:])
+    assert wait(synchronous) > 0.15  # 4 x 6 ms of loading per 50 ms step
+    assert wait(prefetched) < 0.5 * wait(synchronous)
+    lines = [json.loads(line) for line in (tmp_path / "2" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0.0 <= line["data_wait_fraction"] <= 1.0 for line in lines)
+
+
+def test_tflops_and_mfu_are_logged_from_the_flop_counter(tmp_path):
+    def counter(batch):
+        return 1e9 * batch["x0"].shape[0], 1.5e9 * batch["x0"].shape[0]
+
+    torch.manual_seed(0)
+    dataset = ImageDataset()
+    sampler = ShapeBucketBatchSampler(dataset.shapes, batch_size=4, seed=5)
+    config = TrainConfig(steps=4, lr=3e-3, log_every=2, seed=9, peak_tflops=0.5)
+    history = Trainer(VelocityNet(), FlowTask(), dataset, sampler, collate, config, tmp_path, flop_counter=counter).fit()
+    for record in history:
+        assert record["model_flops"] == 1e9 * record["samples"] and record["hardware_flops"] == 1.5e9 * record["samples"]
+        assert record["model_tflops"] == pytest.approx(record["model_flops"] / record["step_time_s"] / 1e12)
+        assert record["mfu"] == pytest.approx(record["model_tflops"] / 0.5)
+        assert record["hfu"] == pytest.approx(1.5 * record["mfu"])
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    window = history[:2]
+    window_flops = sum(r["model_flops"] for r in window)
+    assert lines[0]["model_tflops"] == pytest.approx(window_flops / sum(r["step_time_s"] for r in window) / 1e12)
+    assert lines[0]["hardware_tflops"] == pytest.approx(1.5 * lines[0]["model_tflops"])
+    assert lines[0]["mfu"] == pytest.approx(lines[0]["model_tflops"] / 0.5)
+
+    cpu = flow_trainer(tmp_path / "cpu", steps=3)  # no flop counter, no peak on the CPU: no MFU
+    assert cpu.peak_tflops is None
+    assert "mfu" not in cpu.fit()[0]
