@@ -40,7 +40,7 @@ def _context_parallel_parity(rank: int, world_size: int, attention: str) -> dict
     return result
 
 
-def _ring_attention_op(rank: int, world_size: int, length: int) -> dict:
+def _ring_attention_op(rank: int, world_size: int, length: int, kernel: str) -> dict:
     """The ring attention function alone against full SDPA: output and q/k/v gradients."""
     generator = torch.Generator().manual_seed(7)
     q, k, v = (torch.randn(2, 3, length, 12, generator=generator) for _ in range(3))
@@ -50,19 +50,21 @@ def _ring_attention_op(rank: int, world_size: int, length: int) -> dict:
     expected.backward(grad_out)
 
     state = _ContextState(group=torch.distributed.group.WORLD, rank=rank, world=world_size)
-    state.layout = SequenceLayout(length, world_size)
-    local = [shard_sequence(tensor, 2, state).clone().requires_grad_() for tensor in (q, k, v)]
-    out = _RingAttention.apply(*local, state)
-    out.backward(shard_sequence(grad_out, 2, state))
-    errors = {"out": float((gather_sequence(out.detach(), 2, state) - expected.detach()).abs().max())}
+    layout = SequenceLayout(length, world_size)
+    local = [shard_sequence(tensor, 2, layout, rank).clone().requires_grad_() for tensor in (q, k, v)]
+    out = _RingAttention.apply(*local, state, layout, kernel)
+    out.backward(shard_sequence(grad_out, 2, layout, rank))
+    errors = {"out": float((gather_sequence(out.detach(), 2, state, layout) - expected.detach()).abs().max())}
     for name, mine, reference in zip("qkv", local, full):
-        errors[name] = float((gather_sequence(mine.grad, 2, state) - reference.grad).abs().max())
+        errors[name] = float((gather_sequence(mine.grad, 2, state, layout) - reference.grad).abs().max())
     return errors
 
 
-@pytest.mark.parametrize(("world_size", "length"), [(2, 9), (4, 9)])  # 4 ranks: chunks of 3, 3, 3 and 0 tokens
-def test_ring_attention_matches_full_attention(world_size, length):
-    for errors in run_distributed(_ring_attention_op, world_size, args=(length,)):
+@pytest.mark.parametrize(
+    ("world_size", "length", "kernel"), [(2, 9, "fused"), (2, 9, "math"), (4, 9, "fused")]
+)  # 4 ranks: chunks of 3, 3, 3 and 0 tokens
+def test_ring_attention_matches_full_attention(world_size, length, kernel):
+    for errors in run_distributed(_ring_attention_op, world_size, args=(length, kernel)):
         assert max(errors.values()) < 1e-5, errors
 
 

@@ -73,7 +73,7 @@ class SequenceLayout:
 
 @dataclass
 class _ContextState:
-    """The group and the layout of the sequence in flight (set by the first block's pre-hook)."""
+    """The group and the layout of the sequence in flight (set by each block's pre-hook)."""
 
     group: dist.ProcessGroup
     rank: int
@@ -101,9 +101,8 @@ def _group_of(cp_mesh) -> dist.ProcessGroup:
     raise MugenError(f"context parallel: expected a 1-D DeviceMesh or a ProcessGroup, got {type(cp_mesh).__name__}")
 
 
-def shard_sequence(tensor: Tensor, dim: int, state: _ContextState, pad_value=0) -> Tensor:
-    """This rank's chunk of a full-length tensor along ``dim`` (padded at the end when needed)."""
-    layout = state.layout
+def shard_sequence(tensor: Tensor, dim: int, layout: SequenceLayout, rank: int, pad_value=0) -> Tensor:
+    """``rank``'s chunk of a full-length tensor along ``dim`` (padded at the end when needed)."""
     if tensor.shape[dim] != layout.length:
         raise ValueError(f"tensor has {tensor.shape[dim]} tokens along dim {dim}, expected {layout.length}")
     extra = layout.padded_length - layout.length
@@ -111,7 +110,7 @@ def shard_sequence(tensor: Tensor, dim: int, state: _ContextState, pad_value=0) 
         pad_shape = list(tensor.shape)
         pad_shape[dim] = extra
         tensor = torch.cat([tensor, torch.full(pad_shape, pad_value, dtype=tensor.dtype, device=tensor.device)], dim)
-    return tensor.narrow(dim, state.rank * layout.chunk, layout.chunk)
+    return tensor.narrow(dim, rank * layout.chunk, layout.chunk)
 
 
 class _GatherSequence(torch.autograd.Function):
@@ -122,46 +121,80 @@ class _GatherSequence(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, local: Tensor, dim: int, state: _ContextState) -> Tensor:
-        ctx.dim, ctx.state = dim, state
+    def forward(ctx, local: Tensor, dim: int, state: _ContextState, layout: SequenceLayout) -> Tensor:
+        ctx.dim, ctx.state, ctx.layout = dim, state, layout
         local = local.contiguous()
         chunks = [torch.empty_like(local) for _ in range(state.world)]
         dist.all_gather(chunks, local, group=state.group)
-        return torch.cat(chunks, dim).narrow(dim, 0, state.layout.length)
+        return torch.cat(chunks, dim).narrow(dim, 0, layout.length)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        state, dim = ctx.state, ctx.dim
         grad = grad.contiguous()
-        dist.all_reduce(grad, group=state.group)
-        return shard_sequence(grad, dim, state).contiguous(), None, None
+        dist.all_reduce(grad, group=ctx.state.group)
+        return shard_sequence(grad, ctx.dim, ctx.layout, ctx.state.rank).contiguous(), None, None, None
 
 
-def gather_sequence(local: Tensor, dim: int, state: _ContextState) -> Tensor:
-    return _GatherSequence.apply(local, dim, state)
+def gather_sequence(local: Tensor, dim: int, state: _ContextState, layout: SequenceLayout) -> Tensor:
+    """Differentiable all-gather of the chunks of ``layout`` along ``dim`` (padding dropped)."""
+    return _GatherSequence.apply(local, dim, state, layout)
 
 
 # ------------------------------------------------------------------------------ ring attention
-def _chunk_attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """Softmax attention of q against one key chunk, in fp32: (out (B, H, n, D), log-sum-exp (B, H, n))."""
+# One chunk of attention: the queries of this rank against the keys/values of one chunk, returning
+# the partial output and its log-sum-exp (B, H, n) so that partial results merge exactly; and the
+# chunk's gradients given the *final* output and log-sum-exp (then the chunk's softmax weights are
+# the final ones, restricted to its keys). Kernels: "fused" uses PyTorch's flash-attention
+# operators (CPU: any float dtype; CUDA: fp16/bf16, fp32 falls back to math), "math" is plain fp32
+# matmuls (memory n x m per head: fine for tests, not for long sequences).
+RING_KERNELS = ("fused", "math")
+aten = torch.ops.aten
+
+
+def _kernel_for(q: Tensor, kernel: str) -> str:
+    if kernel == "math":
+        return "math"
+    if q.device.type == "cpu":
+        return "cpu"
+    if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
+        return "cuda"
+    return "math"
+
+
+def _chunk_attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, kernel: str):
+    """(out (B, H, n, D), log-sum-exp (B, H, n) fp32, kernel metadata) of q against one key chunk."""
+    if kernel == "cpu":
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
+        return out, lse.float(), None
+    if kernel == "cuda":
+        out, lse, cum_q, cum_k, max_q, _, seed, offset, _ = aten._scaled_dot_product_flash_attention(
+            q, k, v, 0.0, False, False, scale=scale
+        )
+        return out, lse.float(), (cum_q, cum_k, max_q, seed, offset)
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # (B, H, n, m)
     lse = torch.logsumexp(scores, dim=-1)  # (B, H, n)
-    probs = torch.exp(scores - lse[..., None])
-    return torch.matmul(probs, v.float()), lse
+    return torch.matmul(torch.exp(scores - lse[..., None]), v.float()), lse, None
 
 
 def _chunk_attention_backward(
-    q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, lse: Tensor, delta: Tensor, scale: float
+    q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, out: Tensor, lse: Tensor, scale: float, kernel: str, meta
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients through one key chunk, given the final output's log-sum-exp and delta = rowsum(dO * O)."""
-    q32, k32, v32 = q.float(), k.float(), v.float()
+    """(grad q, grad k, grad v) through one key chunk, given the final output and log-sum-exp."""
+    if kernel == "cpu":
+        return aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out, q, k, v, out, lse, 0.0, False, scale=scale
+        )
+    if kernel == "cuda":
+        cum_q, cum_k, max_q, seed, offset = meta
+        return aten._scaled_dot_product_flash_attention_backward(
+            grad_out, q, k, v, out, lse, cum_q, cum_k, max_q, k.shape[2], 0.0, False, seed, offset, scale=scale
+        )
+    q32, k32, grad32 = q.float(), k.float(), grad_out.float()
+    delta = (grad32 * out.float()).sum(-1)  # (B, H, n): rowsum(dO * O)
     probs = torch.exp(torch.matmul(q32, k32.transpose(-1, -2)) * scale - lse[..., None])  # (B, H, n, m)
-    grad_v = torch.matmul(probs.transpose(-1, -2), grad_out)  # (B, H, m, D)
-    grad_probs = torch.matmul(grad_out, v32.transpose(-1, -2))  # (B, H, n, m)
-    grad_scores = probs * (grad_probs - delta[..., None]) * scale
-    grad_q = torch.matmul(grad_scores, k32)  # (B, H, n, D)
-    grad_k = torch.matmul(grad_scores.transpose(-1, -2), q32)  # (B, H, m, D)
-    return grad_q, grad_k, grad_v
+    grad_v = torch.matmul(probs.transpose(-1, -2), grad32)  # (B, H, m, D)
+    grad_scores = probs * (torch.matmul(grad32, v.float().transpose(-1, -2)) - delta[..., None]) * scale
+    return torch.matmul(grad_scores, k32), torch.matmul(grad_scores.transpose(-1, -2), q32), grad_v
 
 
 def _pass_along(tensors: list[Tensor], state: _ContextState) -> tuple[list[Tensor], list]:
@@ -178,41 +211,45 @@ class _RingAttention(torch.autograd.Function):
     Forward: the K/V chunks travel once around the ring (each rank sends to the next and receives
     from the previous while it computes on the chunk it holds); the partial results are merged with
     their log-sum-exp (online softmax). Backward: the K/V chunks travel around again, each with the
-    gradient accumulators of its keys and values, which collect every rank's contribution and arrive
-    back at their owner after a full turn. Padded keys (the end of the last chunks) are skipped.
+    fp32 gradient accumulators of its keys and values, which collect every rank's contribution and
+    arrive back at their owner after a full turn. Padded keys (the end of the last chunks) are skipped.
     """
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, state: _ContextState) -> Tensor:
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, state: _ContextState, layout: SequenceLayout, kernel: str):
+        kernel = _kernel_for(q, kernel)
         scale = q.shape[-1] ** -0.5
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)  # (B, H, n, D)
         lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)  # (B, H, n)
-        key, value = k.contiguous(), v.contiguous()
+        key, value, meta = k.contiguous(), v.contiguous(), None
         for step in range(state.world):
             source = (state.rank - step) % state.world  # the rank whose chunk we hold now
             requests = []
             if step < state.world - 1:
                 (next_key, next_value), requests = _pass_along([key, value], state)
-            valid = state.layout.valid_tokens(source)
+            valid = layout.valid_tokens(source)
             if valid:
-                chunk_out, chunk_lse = _chunk_attention_forward(q, key[:, :, :valid], value[:, :, :valid], scale)
+                chunk_out, chunk_lse, chunk_meta = _chunk_attention_forward(
+                    q, key[:, :, :valid], value[:, :, :valid], scale, kernel
+                )
+                meta = meta or chunk_meta
                 merged_lse = torch.logaddexp(lse, chunk_lse)
-                out = out * torch.exp(lse - merged_lse)[..., None] + chunk_out * torch.exp(chunk_lse - merged_lse)[..., None]
+                out = out * torch.exp(lse - merged_lse)[..., None] + chunk_out.float() * torch.exp(chunk_lse - merged_lse)[..., None]
                 lse = merged_lse
             for request in requests:
                 request.wait()
             if requests:
                 key, value = next_key, next_value
-        ctx.state, ctx.scale = state, scale
+        out = out.to(q.dtype)
+        ctx.state, ctx.layout, ctx.kernel, ctx.scale, ctx.meta = state, layout, kernel, scale, meta
         ctx.save_for_backward(q, k, v, out, lse)
-        return out.to(q.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         q, k, v, out, lse = ctx.saved_tensors
-        state, scale = ctx.state, ctx.scale
-        grad_out = grad_out.float()
-        delta = (grad_out * out).sum(-1)  # (B, H, n)
+        state, layout = ctx.state, ctx.layout
+        grad_out = grad_out.to(q.dtype).contiguous()
         grad_q = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         key, value = k.contiguous(), v.contiguous()
         grad_key = torch.zeros(k.shape, dtype=torch.float32, device=k.device)  # travels with ``key``
@@ -222,10 +259,10 @@ class _RingAttention(torch.autograd.Function):
             kv_requests = []
             if step < state.world - 1:
                 (next_key, next_value), kv_requests = _pass_along([key, value], state)
-            valid = state.layout.valid_tokens(source)
+            valid = layout.valid_tokens(source)
             if valid:
                 chunk_q, chunk_k, chunk_v = _chunk_attention_backward(
-                    q, key[:, :, :valid], value[:, :, :valid], grad_out, lse, delta, scale
+                    q, key[:, :, :valid], value[:, :, :valid], grad_out, out, lse, ctx.scale, ctx.kernel, ctx.meta
                 )
                 grad_q += chunk_q
                 grad_key[:, :, :valid] += chunk_k
@@ -236,20 +273,18 @@ class _RingAttention(torch.autograd.Function):
                 request.wait()
             if kv_requests:
                 key, value = next_key, next_value
-        return grad_q.to(q.dtype), grad_key.to(k.dtype), grad_value.to(v.dtype), None
+        return grad_q.to(q.dtype), grad_key.to(k.dtype), grad_value.to(v.dtype), None, None, None
 
 
 class RingAttention(nn.Module):
     """Parameter-free ``attention_op``: ring attention over the context group; (B, H, n, D) local chunks."""
 
-    def __init__(self, state: _ContextState):
+    def __init__(self, state: _ContextState, kernel: str = "fused"):
         super().__init__()
-        self.state = state
+        self.state, self.kernel = state, kernel
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        if self.state.world == 1:
-            return F.scaled_dot_product_attention(q, k, v)
-        return _RingAttention.apply(q, k, v, self.state)
+        return _RingAttention.apply(q, k, v, self.state, self.state.layout, self.kernel)
 
 
 class AllGatherKVAttention(nn.Module):
@@ -264,8 +299,8 @@ class AllGatherKVAttention(nn.Module):
         self.state = state
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        full_k = gather_sequence(k, 2, self.state)  # (B, H, N + 2, D), padding dropped
-        full_v = gather_sequence(v, 2, self.state)
+        full_k = gather_sequence(k, 2, self.state, self.state.layout)  # (B, H, N + 2, D), padding dropped
+        full_v = gather_sequence(v, 2, self.state, self.state.layout)
         return F.scaled_dot_product_attention(q, full_k, full_v)
 
 
@@ -292,25 +327,24 @@ def _block_pre_hook(state: _ContextState, is_first: bool):
 
     def hook(module, args, kwargs):
         x, text, text_attn_mask, t_mod, t0_mod, clean_tokens, rope = _block_inputs(args, kwargs)
-        length = rope.shape[2]  # the rotations always come full length: (B, 1, N + 2, D/2)
+        # The rotations always come full length, (B, 1, N + 2, D/2); the layout of this block's
+        # attention follows from them (also when activation checkpointing re-runs the block later).
+        layout = state.layout = SequenceLayout(rope.shape[2], state.world)
         if is_first:
-            state.layout = SequenceLayout(length, state.world)
             state.shards = {}
-            if x.shape[1] != length:
-                raise ValueError(f"first block got {x.shape[1]} tokens but {length} RoPE positions")
-            x = shard_sequence(x, 1, state)  # (B, chunk, d)
-        if state.layout is None or state.layout.length != length:
-            raise RuntimeError("context parallel: a block ran before the first block of this forward")
+            if x.shape[1] != layout.length:
+                raise ValueError(f"first block got {x.shape[1]} tokens but {layout.length} RoPE positions")
+            x = shard_sequence(x, 1, layout, state.rank)  # (B, chunk, d)
         key = id(rope)
         if key not in state.shards or state.shards[key][0] is not rope:
             if clean_tokens is None:
                 # The model fixes the two boundary tokens in place when no frame is conditioned; on a
                 # chunk they are not at its ends, so spell the mask out: start and end take t = 0.
-                clean_tokens = torch.zeros(x.shape[0], length, 1, dtype=torch.bool, device=x.device)
+                clean_tokens = torch.zeros(x.shape[0], layout.length, 1, dtype=torch.bool, device=x.device)
                 clean_tokens[:, 0] = True
                 clean_tokens[:, -1] = True
-            local_rope = shard_sequence(rope, 2, state, pad_value=1)  # (B, 1, chunk, D/2)
-            local_clean = shard_sequence(clean_tokens, 1, state, pad_value=True)  # (B, chunk, 1)
+            local_rope = shard_sequence(rope, 2, layout, state.rank, pad_value=1)  # (B, 1, chunk, D/2)
+            local_clean = shard_sequence(clean_tokens, 1, layout, state.rank, pad_value=True)  # (B, chunk, 1)
             state.shards[key] = (rope, (local_clean, local_rope))
         local_clean, local_rope = state.shards[key][1]
         return (x, text, text_attn_mask, t_mod, t0_mod, local_clean, local_rope), {}
@@ -330,29 +364,34 @@ def _block_inputs(args: tuple, kwargs: dict) -> tuple:
 
 def _last_block_hook(state: _ContextState):
     def hook(module, args, kwargs, output):
-        full = gather_sequence(output, 1, state)  # (B, N + 2, d)
+        full = gather_sequence(output, 1, state, state.layout)  # (B, N + 2, d)
         state.shards = {}
         return full
 
     return hook
 
 
-def apply_context_parallel(model: MUGDiT, cp_mesh, attention: str = "ring") -> ContextParallelHandle:
+def apply_context_parallel(
+    model: MUGDiT, cp_mesh, attention: str = "ring", ring_kernel: str = "fused"
+) -> ContextParallelHandle:
     """Split MUG-DiT's token sequence over ``cp_mesh`` (1-D DeviceMesh or ProcessGroup), in place.
 
     ``attention``: ``"ring"`` (default: K/V chunks passed around the ring, one chunk in memory at a
-    time, fp32 math per chunk) or ``"allgather"`` (gather all K/V, then the device's SDPA kernel).
-    The model's parameter names and state dict are unchanged. Returns a handle whose ``remove()``
-    undoes it. Gradients must then be averaged over the group (see the module docstring).
+    time) or ``"allgather"`` (gather all K/V, then the device's SDPA kernel). ``ring_kernel``:
+    ``"fused"`` (PyTorch's flash-attention operators per chunk where they exist: CPU, CUDA fp16/bf16)
+    or ``"math"`` (fp32 matmuls). The model's parameter names and state dict are unchanged. Returns a
+    handle whose ``remove()`` undoes it. Gradients must then be averaged over the group (see the
+    module docstring).
     """
     if attention not in ATTENTION_KINDS:
         raise MugenError(f"context parallel: attention={attention!r}; choose one of {', '.join(ATTENTION_KINDS)}")
+    if ring_kernel not in RING_KERNELS:
+        raise MugenError(f"context parallel: ring_kernel={ring_kernel!r}; choose one of {', '.join(RING_KERNELS)}")
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
         raise MugenError("context parallel: the model has no transformer blocks (model.blocks); pass a MUGDiT")
     group = _group_of(cp_mesh)
     state = _ContextState(group=group, rank=dist.get_rank(group), world=dist.get_world_size(group))
-    attention_class = RingAttention if attention == "ring" else AllGatherKVAttention
     replaced = []
     for module in model.modules():
         if isinstance(module, SelfAttention):
@@ -362,7 +401,7 @@ def apply_context_parallel(model: MUGDiT, cp_mesh, attention: str = "ring") -> C
                     "model is too old for context parallelism"
                 )
             replaced.append((module, module.attention_op))
-            module.attention_op = attention_class(state)
+            module.attention_op = RingAttention(state, ring_kernel) if attention == "ring" else AllGatherKVAttention(state)
     hooks = [
         block.register_forward_pre_hook(_block_pre_hook(state, index == 0), with_kwargs=True)
         for index, block in enumerate(blocks)
