@@ -94,8 +94,12 @@ class DiTPipelineStage(nn.Module):
         self.blocks = nn.ModuleDict({str(index): model.blocks[index] for index in blocks})
         if self.is_last:
             self.final_layer = model.final_layer
-        self._unpatchify = model.unpatchify  # parameter-free
-        self._patch_grid = model.patch_grid
+        # No reference to ``model`` is kept: once every rank has built its stages, ``del model`` frees
+        # the parameters of the other stages.
+
+    # Parameter-free helpers of the model that read only ``self.config``.
+    _patch_grid = MUGDiT.patch_grid
+    _unpatchify = MUGDiT.unpatchify
 
     def _embed(self, x_t: Tensor, timestep: Tensor, text_states: Tensor, fps: Tensor | None):
         """The first stage's part of MUGDiT.forward: tokens, text and the global modulation signals."""
