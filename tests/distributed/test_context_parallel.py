@@ -3,13 +3,17 @@
 Every rank trains a single-process reference and the context-parallel copy from the same weights
 on the same batches, with the real flow objective: an image-to-video frame mask, padded text
 tokens, token counts (N + 2 = 29, then 20) that the group size does not always divide, a step
-without any conditioned frame (the model's in-place boundary-token path) and a new shape each step.
+without any conditioned frame (the model's in-place boundary-token path) and a new shape each step;
+also with every block recomputed in backward (activation checkpointing wraps the block's forward).
 Tolerances (fp32): loss 1e-5 relative, gradients 1e-4 of the largest entry of each tensor, weights
 1e-4 absolute after 3 AdamW steps at lr 1e-3, a tenth of one step (measured at most: 1e-7, 6e-6, 6e-6).
 """
 
+import functools
+
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
 from dit_parity import compare, flow_loss, step_batch, tiny_dit, train, train_reference
 from launcher import run_distributed
 
@@ -24,11 +28,20 @@ from mugen.distributed.context_parallel import (
 )
 
 
-def _context_parallel_parity(rank: int, world_size: int, attention: str) -> dict:
+def _recompute_blocks(model) -> None:
+    """Full activation checkpointing the way distributed/activation.py applies it: forward wrapped in place."""
+    for block in model.blocks:
+        forward = block.forward
+        block.forward = functools.partial(checkpoint, forward, use_reentrant=False)
+
+
+def _context_parallel_parity(rank: int, world_size: int, attention: str, recompute: bool = False) -> dict:
     reference = train_reference()
     model = tiny_dit()
     group = torch.distributed.group.WORLD
     handle = apply_context_parallel(model, group, attention=attention)
+    if recompute:
+        _recompute_blocks(model)
     run = train(
         model.named_parameters(),
         lambda step: flow_loss(model, step_batch(step)),
@@ -68,9 +81,12 @@ def test_ring_attention_matches_full_attention(world_size, length, kernel):
         assert max(errors.values()) < 1e-5, errors
 
 
-@pytest.mark.parametrize(("world_size", "attention"), [(2, "ring"), (2, "allgather"), (4, "ring")])
-def test_context_parallel_training_matches_single_process(world_size, attention):
-    results = run_distributed(_context_parallel_parity, world_size, args=(attention,))
+@pytest.mark.parametrize(
+    ("world_size", "attention", "recompute"),
+    [(2, "ring", False), (2, "allgather", False), (2, "ring", True), (4, "ring", False)],
+)
+def test_context_parallel_training_matches_single_process(world_size, attention, recompute):
+    results = run_distributed(_context_parallel_parity, world_size, args=(attention, recompute))
     for rank, result in enumerate(results):
         assert result["nonzero_reference_grads"], "the reference has all-zero gradients: errors would go unseen"
         assert result["all_parameters"], "context parallelism changed the parameter names"

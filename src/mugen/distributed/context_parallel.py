@@ -217,6 +217,11 @@ class _RingAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, state: _ContextState, layout: SequenceLayout, kernel: str):
+        with torch.autocast(q.device.type, enabled=False):  # the kernels pick their own precision
+            return _RingAttention._forward(ctx, q, k, v, state, layout, kernel)
+
+    @staticmethod
+    def _forward(ctx, q: Tensor, k: Tensor, v: Tensor, state: _ContextState, layout: SequenceLayout, kernel: str):
         kernel = _kernel_for(q, kernel)
         scale = q.shape[-1] ** -0.5
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)  # (B, H, n, D)
@@ -247,6 +252,11 @@ class _RingAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return _RingAttention._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out: Tensor):
         q, k, v, out, lse = ctx.saved_tensors
         state, layout = ctx.state, ctx.layout
         grad_out = grad_out.to(q.dtype).contiguous()
@@ -284,7 +294,7 @@ class RingAttention(nn.Module):
         self.state, self.kernel = state, kernel
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return _RingAttention.apply(q, k, v, self.state, self.state.layout, self.kernel)
+        return _RingAttention.apply(q, k, v, self.state, _current_layout(self.state, q), self.kernel)
 
 
 class AllGatherKVAttention(nn.Module):
@@ -299,9 +309,22 @@ class AllGatherKVAttention(nn.Module):
         self.state = state
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        full_k = gather_sequence(k, 2, self.state, self.state.layout)  # (B, H, N + 2, D), padding dropped
-        full_v = gather_sequence(v, 2, self.state, self.state.layout)
+        layout = _current_layout(self.state, q)
+        full_k = gather_sequence(k, 2, self.state, layout)  # (B, H, N + 2, D), padding dropped
+        full_v = gather_sequence(v, 2, self.state, layout)
         return F.scaled_dot_product_attention(q, full_k, full_v)
+
+
+def _current_layout(state: _ContextState, q: Tensor) -> SequenceLayout:
+    """The layout set by the running block's pre-hook; checked against the local chunk it gets."""
+    layout = state.layout
+    if layout is None or q.shape[2] != layout.chunk:
+        raise RuntimeError(
+            f"context parallel: attention got {q.shape[2]} local tokens but the sequence in flight has chunks of "
+            f"{None if layout is None else layout.chunk}; run each forward's backward before the next forward "
+            "when blocks are recomputed"
+        )
+    return layout
 
 
 # ------------------------------------------------------------------------------- applying it
