@@ -61,7 +61,11 @@ def flow_loss(model: MUGDiT, batch: dict) -> torch.Tensor:
 
 
 def train(named_parameters, step_loss, after_backward=None) -> tuple[list[float], list[dict], dict]:
-    """3 AdamW steps of ``step_loss(step) -> loss``; returns losses, each step's gradients, final weights."""
+    """3 AdamW steps of ``step_loss(step) -> loss``; returns losses, each step's gradients, final weights.
+
+    ``after_backward()`` runs after each backward (gradient averaging, clipping); what it returns
+    on each step is kept in ``losses`` beside the loss, as ``(loss, value)``.
+    """
     named = dict(named_parameters)
     optimizer = torch.optim.AdamW(named.values(), lr=LEARNING_RATE, weight_decay=0.01)
     losses, grads = [], []
@@ -70,17 +74,24 @@ def train(named_parameters, step_loss, after_backward=None) -> tuple[list[float]
         loss = step_loss(step)
         if loss.requires_grad:
             loss.backward()
-        if after_backward is not None:
-            after_backward()
-        losses.append(float(loss.detach()))
+        extra = after_backward() if after_backward is not None else None
+        losses.append(float(loss.detach()) if extra is None else (float(loss.detach()), float(extra)))
         grads.append({name: p.grad.clone() for name, p in named.items()})
         optimizer.step()
     return losses, grads, {name: p.detach().clone() for name, p in named.items()}
 
 
-def train_reference(depth: int = 2, batch_size: int = 2):
+def clipped(model_parameters, max_norm: float):
+    """An ``after_backward`` that clips the single-process gradients and returns their norm."""
+    parameters = list(model_parameters)
+    return lambda: torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+
+
+def train_reference(depth: int = 2, batch_size: int = 2, max_norm: float | None = None):
+    """The single-process run; with ``max_norm``, gradients are clipped and losses are (loss, grad norm)."""
     model = tiny_dit(depth)
-    return train(model.named_parameters(), lambda step: flow_loss(model, step_batch(step, batch_size)))
+    after = clipped(model.parameters(), max_norm) if max_norm is not None else None
+    return train(list(model.named_parameters()), lambda step: flow_loss(model, step_batch(step, batch_size)), after)
 
 
 def compare(run, reference) -> dict:
@@ -90,8 +101,13 @@ def compare(run, reference) -> dict:
     """
     losses, grads, weights = run
     reference_losses, reference_grads, reference_weights = reference
+    pairs = [
+        (mine, theirs)
+        for ours, reference_values in zip(losses, reference_losses)
+        for mine, theirs in zip(ours if isinstance(ours, tuple) else (ours,), reference_values if isinstance(reference_values, tuple) else (reference_values,))
+    ]
     return {
-        "loss_error": max(abs(a - b) / abs(b) for a, b in zip(losses, reference_losses)),
+        "loss_error": max(abs(a - b) / abs(b) for a, b in pairs),  # also the grad norms when recorded
         "grad_error": max(
             float((grads[step][name] - reference_grads[step][name]).abs().max() / reference_grads[step][name].abs().max())
             for step in range(len(grads))

@@ -3,7 +3,8 @@
 Each rank trains the single-process reference on the whole batch and its pipeline stages with a
 torch.distributed.pipelining schedule over micro-batches, from the same weights, on the same
 batches (real flow objective, image-to-video frame mask, padded text, image-weighted samples) with
-a new latent shape (sequence length) on every step. Tolerances (fp32): loss 1e-5 relative,
+a new latent shape (sequence length) on every step, gradients clipped by the norm over all stages
+(which must equal the single-process norm). Tolerances (fp32): loss 1e-5 relative,
 gradients 1e-4 of the largest entry of each tensor, weights 1e-4 absolute after 3 AdamW steps at
 lr 1e-3, a tenth of one step (measured at most: 2e-7, 2.2e-5, 1.2e-5).
 """
@@ -18,10 +19,11 @@ from mugen.errors import MugenError
 
 DEPTH = 4
 BATCH = 4
+MAX_NORM = 0.5  # below the gradient norms (measured 0.75-0.87), so clipping acts on every step
 
 
 def _pipeline_parity(rank: int, world_size: int, schedule: str, stages_per_rank: int, n_microbatches: int) -> dict:
-    reference = train_reference(DEPTH, BATCH)
+    reference = train_reference(DEPTH, BATCH, max_norm=MAX_NORM)
     pipe = PipelinedDiT(tiny_dit(DEPTH), torch.distributed.group.WORLD, n_microbatches, schedule, stages_per_rank)
 
     def step_loss(step: int) -> torch.Tensor:
@@ -32,7 +34,7 @@ def _pipeline_parity(rank: int, world_size: int, schedule: str, stages_per_rank:
         )
         return (per_sample * batch["sample_weight"]).mean()
 
-    result = compare(train(pipe.named_parameters(), step_loss), reference)
+    result = compare(train(list(pipe.named_parameters()), step_loss, lambda: pipe.clip_grad_norm_(MAX_NORM)), reference)
     result["shapes_cached"] = len(pipe._schedules)
     return result
 

@@ -28,6 +28,7 @@ Usage (one call per rank, every rank with the same batch, t and noise)::
     pipe = PipelinedDiT(model, pp_mesh, n_microbatches=4, schedule="1F1B")
     optimizer = torch.optim.AdamW(pipe.parameters(), lr=...)   # this rank's stages only
     per_sample = pipe.flow_step(x0, text, t, noise, frame_cond_mask, fps, sample_weight)
+    pipe.clip_grad_norm_(1.0)                                   # the norm over all stages
     optimizer.step(); optimizer.zero_grad()
 """
 
@@ -71,7 +72,7 @@ class DiTPipelineStage(nn.Module):
     Holds the model's own submodules (no copies), under the model's parameter names: the blocks sit
     in a ModuleDict keyed by their index in the full model (``blocks.13.attn.qkv.weight``).
 
-    forward(*activations, x0, t, noise, text_states, text_mask, fps, frame_cond_mask):
+    forward(*activations, x0, t, noise, text_states, text_mask, fps, frame_cond_mask, frame_indices):
       first stage: activations = (x_t,) the noisy latents (B, C, T, H, W);
       other stages: the previous stage's outputs.
     Returns the activations for the next stage, or on the last stage the unweighted per-sample
@@ -122,7 +123,9 @@ class DiTPipelineStage(nn.Module):
         x = torch.cat([self.start_token.expand(batch, 1, -1), x, self.end_token.expand(batch, 1, -1)], dim=1)
         return x, text, self.t_block(t_emb), self.t_block(t0_emb), t_emb, t0_emb
 
-    def _per_token_inputs(self, x0: Tensor, text_mask: Tensor | None, frame_cond_mask: Tensor | None):
+    def _per_token_inputs(
+        self, x0: Tensor, text_mask: Tensor | None, frame_cond_mask: Tensor | None, frame_indices: Tensor | None
+    ):
         """Parameter-free inputs of the blocks, rebuilt on every stage: text mask, clean tokens, RoPE."""
         cfg = self.config
         batch, _, frames, height, width = x0.shape
@@ -140,17 +143,22 @@ class DiTPipelineStage(nn.Module):
             video_clean = frame_clean[:, :, None].expand(batch, grid_t, grid_h * grid_w).reshape(batch, -1)
             edge = torch.ones(batch, 1, dtype=torch.bool, device=device)  # start/end tokens: t = 0
             clean_tokens = torch.cat([edge, video_clean, edge], dim=1)[..., None]  # (B, N + 2, 1)
-        frame_indices = torch.arange(grid_t + 2, device=device).expand(batch, -1)
-        angles = video_rope_angles(frame_indices, grid_h, grid_w, cfg.head_dim, cfg.rope_theta, cfg.rope_max_time)
+        if frame_indices is None:
+            frame_indices = torch.arange(grid_t + 2, device=device).expand(batch, -1)
+        angles = video_rope_angles(
+            frame_indices.to(device), grid_h, grid_w, cfg.head_dim, cfg.rope_theta, cfg.rope_max_time
+        )
         return text_attn_mask, clean_tokens, rope_rotations(angles)  # rope (B, 1, N + 2, hd / 2)
 
-    def forward(self, *activations, x0, t, noise, text_states, text_mask=None, fps=None, frame_cond_mask=None):
+    def forward(
+        self, *activations, x0, t, noise, text_states, text_mask=None, fps=None, frame_cond_mask=None, frame_indices=None
+    ):
         if self.is_first:
             (x_t,) = activations
             x, text, t_mod, t0_mod, t_emb, t0_emb = self._embed(x_t, t * 1000.0, text_states, fps)
         else:
             x, text, t_mod, t0_mod, t_emb, t0_emb = activations
-        text_attn_mask, clean_tokens, rope = self._per_token_inputs(x0, text_mask, frame_cond_mask)
+        text_attn_mask, clean_tokens, rope = self._per_token_inputs(x0, text_mask, frame_cond_mask, frame_indices)
         for block in self.blocks.values():
             x = block(x, text, text_attn_mask, t_mod, t0_mod, clean_tokens, rope)  # (B, N + 2, d)
         if not self.is_last:
@@ -229,6 +237,24 @@ class PipelinedDiT:
             names = stage.state_dict().keys()
             stage.load_state_dict({name: value for name, value in state_dict.items() if name in names}, strict=strict)
 
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> Tensor:
+        """Clip by the norm of the whole model's gradient (all stages); returns that norm.
+
+        ``max_norm`` <= 0 only measures. Every pipeline rank must call it (one all-reduce).
+        """
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        squared = torch.zeros((), dtype=torch.float64, device=self.device)
+        for grad in grads:
+            squared += grad.detach().double().square().sum()
+        dist.all_reduce(squared, group=self.group)
+        total = squared.sqrt().float()
+        if max_norm > 0 and float(total) > max_norm:
+            scale = max_norm / (float(total) + 1e-6)
+            for grad in grads:
+                grad.mul_(scale)
+        return total
+
     def _schedule_for(self, key: tuple):
         if key not in self._schedules:
             stages = [
@@ -261,6 +287,7 @@ class PipelinedDiT:
         frame_cond_mask: Tensor | None = None,  # (B, T) bool, True = clean conditioning frame
         fps: Tensor | None = None,  # (B,)
         sample_weight: Tensor | None = None,  # (B,)
+        frame_indices: Tensor | None = None,  # (B, T + 2) time positions of [start, frames, end]
         check_inputs: bool = True,
     ) -> Tensor:
         """Forward and backward of one batch through the pipeline; gradients accumulate in ``.grad``.
@@ -284,6 +311,8 @@ class PipelinedDiT:
             inputs["fps"] = fps
         if frame_cond_mask is not None:
             inputs["frame_cond_mask"] = frame_cond_mask
+        if frame_indices is not None:
+            inputs["frame_indices"] = frame_indices
         key = tuple((name, tuple(value.shape)) for name, value in inputs.items())
         schedule = self._schedule_for(key)
         holds_first = 0 in self.stage_indices
