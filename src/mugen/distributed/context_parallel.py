@@ -81,24 +81,24 @@ class _ContextState:
     layout: SequenceLayout | None = None
     # Shards of the full per-token tensors of the forward in flight, keyed by the full tensor's id;
     # the full tensors are kept so that an id is not reused while its entry lives.
-    shards: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    shards: dict[int, tuple[Tensor, tuple[Tensor, Tensor]]] = field(default_factory=dict)
 
     def peer(self, offset: int) -> int:
         """Global rank of the group member ``offset`` places after this one (ring order)."""
         return dist.get_global_rank(self.group, (self.rank + offset) % self.world)
 
 
-def _group_of(cp_mesh) -> dist.ProcessGroup:
-    if isinstance(cp_mesh, dist.ProcessGroup):
-        return cp_mesh
-    if hasattr(cp_mesh, "get_group"):  # DeviceMesh
-        if cp_mesh.ndim != 1:
+def process_group_of(mesh_or_group, what: str) -> dist.ProcessGroup:
+    """The process group of a 1-D DeviceMesh (or the group itself); ``what`` names the caller in errors."""
+    if isinstance(mesh_or_group, dist.ProcessGroup):
+        return mesh_or_group
+    if hasattr(mesh_or_group, "get_group"):  # DeviceMesh
+        if mesh_or_group.ndim != 1:
             raise MugenError(
-                f"context parallel: the mesh has {cp_mesh.ndim} dimensions; pass the 1-D context axis, "
-                'e.g. mesh["cp"]'
+                f"{what}: the mesh has {mesh_or_group.ndim} dimensions; pass its 1-D axis, e.g. mesh['cp'] or mesh['pp']"
             )
-        return cp_mesh.get_group()
-    raise MugenError(f"context parallel: expected a 1-D DeviceMesh or a ProcessGroup, got {type(cp_mesh).__name__}")
+        return mesh_or_group.get_group()
+    raise MugenError(f"{what}: expected a 1-D DeviceMesh or a ProcessGroup, got {type(mesh_or_group).__name__}")
 
 
 def shard_sequence(tensor: Tensor, dim: int, layout: SequenceLayout, rank: int, pad_value=0) -> Tensor:
@@ -413,7 +413,7 @@ def apply_context_parallel(
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
         raise MugenError("context parallel: the model has no transformer blocks (model.blocks); pass a MUGDiT")
-    group = _group_of(cp_mesh)
+    group = process_group_of(cp_mesh, "context parallel")
     state = _ContextState(group=group, rank=dist.get_rank(group), world=dist.get_world_size(group))
     replaced = []
     for module in model.modules():
@@ -435,7 +435,7 @@ def apply_context_parallel(
 
 def average_gradients(model: nn.Module, cp_mesh) -> None:
     """Average every parameter gradient over the context group (one flat all-reduce)."""
-    group = _group_of(cp_mesh)
+    group = process_group_of(cp_mesh, "context parallel")
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
         return

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
+from mugen.distributed.context_parallel import process_group_of
 from mugen.errors import MugenError
 from mugen.flow.objective import flow_matching_loss, sample_flow_path
 from mugen.models.common.rope import rope_rotations, video_rope_angles
@@ -171,16 +172,6 @@ class DiTPipelineStage(nn.Module):
         return flow_matching_loss(lambda *_: prediction, x0, t, noise, frame_cond_mask)  # (B,)
 
 
-def _group_of(pp_mesh) -> dist.ProcessGroup:
-    if isinstance(pp_mesh, dist.ProcessGroup):
-        return pp_mesh
-    if hasattr(pp_mesh, "get_group"):
-        if pp_mesh.ndim != 1:
-            raise MugenError(f'pipeline: the mesh has {pp_mesh.ndim} dimensions; pass the 1-D pipeline axis, e.g. mesh["pp"]')
-        return pp_mesh.get_group()
-    raise MugenError(f"pipeline: expected a 1-D DeviceMesh or a ProcessGroup, got {type(pp_mesh).__name__}")
-
-
 def _weighted_mean(per_sample: Tensor, sample_weight: Tensor) -> Tensor:
     """The schedule's loss of one micro-batch: the weighted per-sample losses, averaged."""
     return (per_sample * sample_weight.to(per_sample.dtype)).mean()
@@ -204,7 +195,7 @@ class PipelinedDiT:
             )
         if n_microbatches < 1:
             raise MugenError(f"pipeline: n_microbatches={n_microbatches} must be at least 1")
-        self.group = _group_of(pp_mesh)
+        self.group = process_group_of(pp_mesh, "pipeline")
         self.pp_rank, self.pp_size = dist.get_rank(self.group), dist.get_world_size(self.group)
         self.n_microbatches, self.schedule_name = n_microbatches, schedule
         self.num_stages = self.pp_size * stages_per_rank
@@ -306,7 +297,9 @@ class PipelinedDiT:
         if check_inputs:
             self._check_same_inputs([x0, t, noise, text.states])
         path = sample_flow_path(x0, t, noise, frame_cond_mask)  # x_t: the first stage's input
-        inputs = {"x0": x0, "t": t, "noise": noise, "text_states": text.states, "text_mask": text.mask}
+        inputs = {"x0": x0, "t": t, "noise": noise, "text_states": text.states}
+        if text.mask is not None:
+            inputs["text_mask"] = text.mask
         if fps is not None:
             inputs["fps"] = fps
         if frame_cond_mask is not None:
