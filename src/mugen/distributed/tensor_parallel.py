@@ -139,9 +139,14 @@ class _SumGradient(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
+        return _sum_over_group(grad, ctx.group), None
+
+
+def _sum_over_group(grad: Tensor, group) -> Tensor:
+    """All-reduce (sum) a gradient in fp32, returned in its own dtype."""
+    total = grad.to(torch.float32, copy=True, memory_format=torch.contiguous_format)
+    dist.all_reduce(total, group=group)
+    return total.to(grad.dtype)
 
 
 def _all_gather_dim1(x: Tensor, group, world: int) -> Tensor:
@@ -204,9 +209,7 @@ class _SequenceParallelHooks:
         self.hooked_parameters: dict[int, weakref.ref] = {}  # id -> the parameter (identity, not ==)
 
     def reduce_gradient(self, grad: Tensor) -> Tensor:
-        grad = grad.clone()
-        dist.all_reduce(grad, group=self.group)
-        return grad
+        return _sum_over_group(grad, self.group)
 
     def before_block(self, block: nn.Module, args: tuple) -> tuple:
         x, text, text_attn_mask, t_mod, t0_mod, clean_tokens, rope = args
