@@ -96,6 +96,7 @@ LAYOUTS = {
     "dp_replicate2": (2, {"dp_replicate": 2}),  # DP: full replicas (HSDP with shard groups of 1)
     "dp_shard2": (2, {"dp_shard": 2}),  # FSDP2
     "dp_shard4": (4, {"dp_shard": 4}),
+    "hsdp2x2": (4, {"dp_replicate": 2, "dp_shard": 2}),  # HSDP: shard in pairs, replicate across them
     "tp2": (2, {"tp": 2}),  # tensor + sequence parallel
     # The combination also recomputes activations (selective policy) inside the TP+FSDP blocks.
     "dp_shard2_tp2_recompute": (4, {"dp_shard": 2, "tp": 2, "activation_checkpointing": "selective"}),
