@@ -58,7 +58,7 @@ def _ring_attention_op(rank: int, world_size: int, length: int, kernel: str, dty
     generator = torch.Generator().manual_seed(7)
     q, k, v = (torch.randn(2, 3, length, 12, generator=generator).to(dtype) for _ in range(3))
     grad_out = torch.randn(2, 3, length, 12, generator=generator).to(dtype)
-    full = [tensor.float().requires_grad_() for tensor in (q, k, v)]
+    full = [tensor.float().clone().requires_grad_() for tensor in (q, k, v)]
     expected = torch.nn.functional.scaled_dot_product_attention(*full)
     expected.backward(grad_out.float())
 
