@@ -26,6 +26,7 @@ from mugen.distributed.context_parallel import (
     gather_sequence,
     shard_sequence,
 )
+from mugen.errors import MugenError
 
 
 def _recompute_blocks(model) -> None:
@@ -102,3 +103,20 @@ def test_context_parallel_training_matches_single_process(world_size, attention,
         assert result["grad_error"] < 1e-4, (rank, result)
         assert result["weight_error"] < 1e-4, (rank, result)
     assert all(result["losses"] == results[0]["losses"] for result in results), "ranks disagree on the loss"
+
+
+def test_unknown_choices_are_user_errors():
+    with pytest.raises(MugenError, match="attention='flash'; choose one of ring, allgather"):
+        apply_context_parallel(tiny_dit(), None, attention="flash")
+    with pytest.raises(MugenError, match="ring_kernel='triton'"):
+        apply_context_parallel(tiny_dit(), None, ring_kernel="triton")
+    with pytest.raises(MugenError, match="expected a 1-D DeviceMesh or a ProcessGroup"):
+        apply_context_parallel(tiny_dit(), "cp")
+
+
+def test_layout_pads_only_the_last_chunks():
+    layout = SequenceLayout(length=9, world=4)
+    assert (layout.chunk, layout.padded_length) == (3, 12)
+    assert [layout.valid_tokens(rank) for rank in range(4)] == [3, 3, 3, 0]
+    tokens = torch.arange(9).view(1, 9)
+    assert [shard_sequence(tokens, 1, layout, rank, pad_value=-1).tolist() for rank in (2, 3)] == [[[6, 7, 8]], [[-1, -1, -1]]]

@@ -71,3 +71,10 @@ def test_stage_block_ranges_cover_the_depth():
     assert stage_block_ranges(7, 3) == [range(0, 3), range(3, 5), range(5, 7)]
     with pytest.raises(MugenError, match="at most as many stages"):
         stage_block_ranges(2, 3)
+
+
+def test_schedule_choices_are_user_errors():
+    with pytest.raises(MugenError, match="choose one of 1F1B, GPipe, Interleaved1F1B"):
+        PipelinedDiT(tiny_dit(DEPTH), None, 2, schedule="ZeroBubble")
+    with pytest.raises(MugenError, match="Interleaved1F1B needs stages_per_rank >= 2"):
+        PipelinedDiT(tiny_dit(DEPTH), None, 2, schedule="Interleaved1F1B", stages_per_rank=1)
