@@ -20,8 +20,9 @@ LATENT_CHANNELS = 4
 TEXT_DIM = 32
 TEXT_TOKENS = 5
 GLOBAL_BATCH = 4
-# (latent frames, height, width) per step (cycled): N + 2 = 2*3*3 + 2 = 20, 3*2*2 + 2 = 14, 1*3*4 + 2 = 14 tokens
-STEP_SHAPES = [(2, 6, 6), (3, 4, 4), (1, 6, 8)]
+# (latent frames, height, width) per step (cycled): N + 2 = 2*3*3 + 2 = 20, 3*2*2 + 2 = 14, 1*3*3 + 2 = 11
+# tokens (odd: tensor parallelism pads it; context parallelism splits it unevenly)
+STEP_SHAPES = [(2, 6, 6), (3, 4, 4), (1, 6, 6)]
 STEP_CONDITIONED = [True, False, False]  # step 0: image-to-video samples with a clean first frame
 LEARNING_RATE = 1e-3
 

@@ -15,6 +15,9 @@ cross-attention and ``1 / tp`` of the MLP's hidden units:
   each column-wise projection and the row-wise output is reduce-scattered back to slices.
 * The 3D RoPE table stays whole (attention sees the whole sequence of its heads); the QK RMSNorm
   over ``head_dim`` works per head, so it runs on the local heads unchanged.
+* A sequence whose length does not divide by ``tp`` is padded at the end with zero tokens; the
+  padding is left out of the self-attention keys (``attn.attention_op`` is wrapped), cross-attention
+  and the MLP are per token, and the padding is dropped after the last block, so it changes nothing.
 
 Fused projections: ``qkv`` stores rows as [q | k | v] (and ``kv_linear`` as [k | v]), each part in
 head order. A plain column split would hand rank 0 all of q and part of k, so before sharding the
@@ -36,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard
@@ -191,12 +195,23 @@ def _permute_fused_rows(linear: nn.Linear, layout: FusedRows) -> None:
             linear.bias.copy_(linear.bias[index])
 
 
-def check_sequence_divisible(tokens: int, tp: int) -> None:
-    if tokens % tp:
-        raise MugenError(
-            f"tensor parallel: the sequence has {tokens} tokens (video tokens + start/end), which does not split "
-            f"into tp={tp} equal slices; choose a latent size whose T*h*w + 2 is a multiple of {tp}, or lower tp"
-        )
+class _AttendToRealTokens(nn.Module):
+    """Self-attention that leaves the padding tokens out of the keys and values (padded query rows get 0).
+
+    Wraps the block's own ``attention_op``; a no-op when the sequence needed no padding.
+    """
+
+    def __init__(self, inner: nn.Module, padding: "_SequenceParallelHooks"):
+        super().__init__()
+        self.inner = inner
+        self._padding = [padding]  # a list: not a submodule
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:  # (B, heads, N_padded, hd)
+        real = self._padding[0].real_tokens
+        if real is None or real == q.shape[2]:
+            return self.inner(q, k, v)
+        out = self.inner(q[:, :, :real], k[:, :, :real], v[:, :, :real])  # (B, heads, N + 2, hd)
+        return F.pad(out, (0, 0, 0, q.shape[2] - real))
 
 
 class _SequenceParallelHooks:
@@ -207,6 +222,7 @@ class _SequenceParallelHooks:
         self.rank = tp_mesh.get_local_rank()
         self.world = tp_mesh.size()
         self.hooked_parameters: dict[int, weakref.ref] = {}  # id -> the parameter (identity, not ==)
+        self.real_tokens: int | None = None  # N + 2 of the current forward, before padding
 
     def reduce_gradient(self, grad: Tensor) -> Tensor:
         return _sum_over_group(grad, self.group)
@@ -214,8 +230,10 @@ class _SequenceParallelHooks:
     def before_block(self, block: nn.Module, args: tuple) -> tuple:
         x, text, text_attn_mask, t_mod, t0_mod, clean_tokens, rope = args
         tokens = rope.shape[2]  # rope (B, 1, N + 2, hd / 2) always covers the whole sequence
+        padding = -tokens % self.world  # tokens appended so that the sequence splits evenly
         if x.shape[1] == tokens:  # the first block (of this model or pipeline stage): split
-            check_sequence_divisible(tokens, self.world)
+            self.real_tokens = tokens
+            x = F.pad(x, (0, 0, 0, padding))  # (B, N + 2 + padding, d), zero tokens at the end
             x = _SplitSequence.apply(x, self.group, self.rank, self.world)
         if clean_tokens is None:
             # The block fixes the start/end tokens in place at positions 0 and -1, which only holds
@@ -223,7 +241,10 @@ class _SequenceParallelHooks:
             clean_tokens = torch.zeros(x.shape[0], tokens, 1, dtype=torch.bool, device=x.device)
             clean_tokens[:, 0] = True
             clean_tokens[:, -1] = True
-        clean_tokens = clean_tokens.chunk(self.world, dim=1)[self.rank]  # (B, (N + 2) / tp, 1)
+        if padding:  # the padding tokens: any rotation and modulation (their outputs are dropped)
+            rope = torch.cat([rope, rope.new_ones(*rope.shape[:2], padding, rope.shape[3])], dim=2)
+            clean_tokens = F.pad(clean_tokens, (0, 0, 0, padding), value=True)
+        clean_tokens = clean_tokens.chunk(self.world, dim=1)[self.rank]  # (B, (N + 2 + padding) / tp, 1)
         # The modulation signals (B, 6d) are replicated but modulate only this rank's tokens.
         t_mod = _SumGradient.apply(t_mod, self.group)
         t0_mod = _SumGradient.apply(t0_mod, self.group)
@@ -240,7 +261,8 @@ class _SequenceParallelHooks:
         return (x, text, text_attn_mask, t_mod, t0_mod, clean_tokens, rope)
 
     def after_last_block(self, block: nn.Module, args: tuple, output: Tensor) -> Tensor:
-        return _GatherSequence.apply(output, self.group, self.rank, self.world)
+        full = _GatherSequence.apply(output, self.group, self.rank, self.world)  # (B, N + 2 + padding, d)
+        return full[:, : self.real_tokens]
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
@@ -272,6 +294,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
             fused_rows[prefix + name + ".bias"] = layout
         parallelize_module(block, tp_mesh, plan)
         block.attn.num_heads = num_heads // tp  # local heads; head_dim unchanged
+        block.attn.attention_op = _AttendToRealTokens(block.attn.attention_op, hooks)
         block.cross_attn.num_heads = num_heads // tp
         block.register_forward_pre_hook(hooks.before_block)
     blocks[-1].register_forward_hook(hooks.after_last_block)
