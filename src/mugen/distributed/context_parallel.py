@@ -22,8 +22,8 @@ Gradients: the gather's backward sums the output gradients of the group, so the 
 group of every rank's gradients is ``group size x`` the gradient of the (replicated) loss. Average
 the gradients over the context group, as for data parallelism (``average_gradients``, or FSDP/DDP
 over a mesh dimension that includes the context axis, as torchtitan's ``dp_shard_cp``). Every
-rank of a context group must see the same batch, noise and timesteps (the Trainer seeds its
-micro-batch generators without the rank, so it does).
+rank of a context group must see the same batch, noise and timesteps: seed the noise generator
+with the data-parallel rank (``parallelize.data_parallel_rank``), never with the global rank.
 
 Usage::
 

@@ -12,8 +12,8 @@ global modulation signals (t and t = 0, before and after ``t_block``). Everythin
 parameters (3D RoPE rotations, the clean-token mask of conditioned frames, the text attention mask)
 is rebuilt on every stage from the step's inputs, which every rank receives: the batch, and the
 flow times and noise, which every rank of the pipeline draws from a generator seeded the same way
-(the Trainer's micro-batch seeds do not depend on the rank). ``PipelinedDiT.flow_step`` checks that
-the ranks agree on them.
+(with the data-parallel rank at most, never the pipeline rank). ``PipelinedDiT.flow_step`` checks
+that the ranks agree on them.
 
 Shapes: micro-batches of one step share a shape; a new step may bring another (shape-bucketed
 data, variable sequence length). Pipeline stages fix their activation shapes when they first run,
