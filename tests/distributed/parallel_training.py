@@ -27,9 +27,13 @@ STEP_CONDITIONED = [True, False, False]  # step 0: image-to-video samples with a
 LEARNING_RATE = 1e-3
 
 
+def tiny_dit_config():
+    return dit_config("debug", depth=2, text_dim=TEXT_DIM, latent_channels=LATENT_CHANNELS)
+
+
 def tiny_dit() -> MUGDiT:
     torch.manual_seed(0)
-    model = MUGDiT(dit_config("debug", depth=2, text_dim=TEXT_DIM, latent_channels=LATENT_CHANNELS))
+    model = MUGDiT(tiny_dit_config())
     with torch.no_grad():  # zero-initialised heads would leave most gradients zero
         for parameter in model.parameters():
             parameter.add_(0.02 * torch.randn_like(parameter))

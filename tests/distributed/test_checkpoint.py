@@ -13,13 +13,19 @@ import json
 import pytest
 import torch
 from launcher import run_distributed
-from parallel_training import GLOBAL_BATCH, LEARNING_RATE, batch_loss, full_value, step_batch, tiny_dit
+from parallel_training import GLOBAL_BATCH, LEARNING_RATE, batch_loss, full_value, step_batch, tiny_dit, tiny_dit_config
 
-from mugen.distributed.checkpoint import DistributedCheckpointer, export_checkpoint, latest_distributed_checkpoint
+from mugen.distributed.checkpoint import (
+    DistributedCheckpointer,
+    export_checkpoint,
+    latest_distributed_checkpoint,
+    load_full_state_dict,
+)
 from mugen.distributed.mesh import ParallelConfig, build_mesh
 from mugen.distributed.parallelize import data_parallel_rank, parallelize_dit
 from mugen.distributed.tensor_parallel import FUSED_ROWS_ATTRIBUTE
 from mugen.errors import MugenError
+from mugen.models.dit.model import MUGDiT
 from mugen.models.dit.official import load_official_checkpoint, read_official_state_dict
 
 SAVED_AFTER = 2
@@ -113,6 +119,27 @@ def test_export_to_official_layouts(saved_run, reference, tmp_path, file_name):
     for name, tensor in exported.items():  # [q|k|v] rows in the official order, whatever the TP layout
         torch.testing.assert_close(tensor, reference["saved_weights"][name], atol=WEIGHT_ATOL, rtol=WEIGHT_RTOL, msg=lambda m: f"{name}: {m}")
     load_official_checkpoint(path, tiny_dit())  # loads strictly into the single-device model
+
+
+def _load_official_file(rank, world_size, path):
+    config = ParallelConfig(param_dtype="fp32", tp=2)
+    with torch.device("meta"):  # no rank ever holds the whole model in memory
+        model = MUGDiT(tiny_dit_config())
+    model = parallelize_dit(model, build_mesh(config, device_type="cpu"), config)
+    model.to_empty(device="cpu")
+    load_full_state_dict(model, read_official_state_dict(path), source=path)
+    fused_rows = getattr(model, FUSED_ROWS_ATTRIBUTE, {})
+    weights = {name: full_value(p, name, fused_rows) for name, p in model.named_parameters()}  # collectives
+    return weights if rank == 0 else None
+
+
+def test_official_file_loads_into_a_meta_initialised_tensor_parallel_model(reference, tmp_path):
+    path = tmp_path / "dit.pt"
+    torch.save(reference["saved_weights"], path)
+    weights = run_distributed(_load_official_file, 2, args=(str(path),))[0]
+    assert weights.keys() == reference["saved_weights"].keys()
+    for name, weight in weights.items():
+        assert torch.equal(weight, reference["saved_weights"][name]), name
 
 
 def test_export_refuses_a_directory_without_a_checkpoint(tmp_path):

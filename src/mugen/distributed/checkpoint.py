@@ -47,7 +47,13 @@ from torch.distributed._shard.sharded_tensor import Shard as LocalShard
 from torch.distributed._shard.sharded_tensor import ShardedTensor, ShardedTensorMetadata, TensorProperties
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.staging import AsyncStager
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -207,8 +213,6 @@ def _drop_empty(tree):
 def _training_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
     options = StateDictOptions(full_state_dict=False)
     if optimizer is None:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
         return {"model": get_model_state_dict(model, options=options), "optimizer": {}}
     model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
     return {"model": model_state, "optimizer": optimizer_state}
@@ -344,8 +348,6 @@ class DistributedCheckpointer:
         view[TRAIN_KEY] = ""  # DCP replaces the object with the saved one
         dcp.load(view, checkpoint_id=str(checkpoint_dir))
         if self.optimizer is None:
-            from torch.distributed.checkpoint.state_dict import set_model_state_dict
-
             set_model_state_dict(self.model, state["model"])
         else:
             set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
@@ -366,6 +368,26 @@ def latest_distributed_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     if not (path / DCP_METADATA_FILE).is_file():
         raise MugenError(f"checkpoint: {latest} names {path.name}, which is not a complete checkpoint; delete {latest}")
     return path
+
+
+# ----------------------------------------------------------------------- single-device weights
+def load_full_state_dict(model: nn.Module, state_dict: dict[str, Tensor], source: str = "state dict") -> None:
+    """Load a single-device state dict (e.g. the official ``dit.pt``) into a parallelized model, strictly.
+
+    Every rank passes the same dict (read it with ``mmap``: ``read_official_state_dict``); each
+    keeps its own shards. Fused projections are put into the head-aligned order of tensor parallelism.
+    Works on a model built on the meta device and moved with ``to_empty``.
+    """
+    from mugen.models.dit.official import check_state_dict_fits
+
+    check_state_dict_fits(state_dict, model, source)
+    fused_rows = getattr(model, FUSED_ROWS_ATTRIBUTE, {})
+    prepared = {}
+    for name, tensor in state_dict.items():
+        if name in fused_rows:
+            tensor = tensor[fused_rows[name].permuted_from_canonical(tensor.shape[0])]
+        prepared[name] = tensor
+    set_model_state_dict(model, prepared, options=StateDictOptions(full_state_dict=True, strict=True))
 
 
 # ------------------------------------------------------------------------------------ export

@@ -9,6 +9,7 @@ communication-heavy group inside one node on a GPU cluster.
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 
 import torch
@@ -84,15 +85,15 @@ class ParallelConfig:
 def build_mesh(config: ParallelConfig, device_type: str | None = None) -> DeviceMesh:
     """A 5D ``DeviceMesh`` over all ranks with axes ``MESH_AXES`` (initialises the process group if needed).
 
-    ``device_type`` defaults to "cuda" when CUDA is available, else "cpu" (gloo).
+    ``device_type`` defaults to "cuda" when CUDA is available (NCCL, device ``LOCAL_RANK``), else "cpu" (gloo).
     """
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_type == "cuda" and "LOCAL_RANK" in os.environ:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # one GPU per process, as torchrun starts them
     if not dist.is_initialized():
-        if device_type is None:
-            device_type = "cuda" if torch.cuda.is_available() else "cpu"
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     config.validate(dist.get_world_size())
-    if device_type is None:
-        device_type = "cuda" if torch.cuda.is_available() and dist.get_backend() == "nccl" else "cpu"
     return init_device_mesh(device_type, config.sizes, mesh_dim_names=MESH_AXES)
 
 
