@@ -18,6 +18,7 @@ from parallel_training import GLOBAL_BATCH, LEARNING_RATE, batch_loss, full_valu
 from mugen.distributed.checkpoint import (
     DistributedCheckpointer,
     export_checkpoint,
+    initialize_from_single_device,
     latest_distributed_checkpoint,
     load_full_state_dict,
 )
@@ -121,13 +122,16 @@ def test_export_to_official_layouts(saved_run, reference, tmp_path, file_name):
     load_official_checkpoint(path, tiny_dit())  # loads strictly into the single-device model
 
 
-def _load_official_file(rank, world_size, path):
-    config = ParallelConfig(param_dtype="fp32", tp=2)
+def _load_official_file(rank, world_size, path, broadcast):
+    config = ParallelConfig(param_dtype="fp32", dp_shard=2 if broadcast else 1, tp=2)
     with torch.device("meta"):  # no rank ever holds the whole model in memory
         model = MUGDiT(tiny_dit_config())
     model = parallelize_dit(model, build_mesh(config, device_type="cpu"), config)
-    model.to_empty(device="cpu")
-    load_full_state_dict(model, read_official_state_dict(path), source=path)
+    if broadcast:  # rank 0 builds the single-device model; the others receive its weights
+        initialize_from_single_device(model, tiny_dit, "cpu")
+    else:  # every rank reads the file
+        model.to_empty(device="cpu")
+        load_full_state_dict(model, read_official_state_dict(path), source=path)
     fused_rows = getattr(model, FUSED_ROWS_ATTRIBUTE, {})
     weights = {name: full_value(p, name, fused_rows) for name, p in model.named_parameters()}  # collectives
     return weights if rank == 0 else None
@@ -136,10 +140,17 @@ def _load_official_file(rank, world_size, path):
 def test_official_file_loads_into_a_meta_initialised_tensor_parallel_model(reference, tmp_path):
     path = tmp_path / "dit.pt"
     torch.save(reference["saved_weights"], path)
-    weights = run_distributed(_load_official_file, 2, args=(str(path),))[0]
+    weights = run_distributed(_load_official_file, 2, args=(str(path), False))[0]
     assert weights.keys() == reference["saved_weights"].keys()
     for name, weight in weights.items():
         assert torch.equal(weight, reference["saved_weights"][name]), name
+
+
+def test_single_device_initialisation_is_broadcast_into_the_shards():
+    expected = tiny_dit().state_dict()
+    weights = run_distributed(_load_official_file, 4, args=("", True))[0]
+    for name, weight in weights.items():
+        assert torch.equal(weight, expected[name]), name
 
 
 def test_export_refuses_a_directory_without_a_checkpoint(tmp_path):

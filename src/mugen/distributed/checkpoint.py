@@ -36,6 +36,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -371,23 +372,44 @@ def latest_distributed_checkpoint(output_dir: str | os.PathLike) -> Path | None:
 
 
 # ----------------------------------------------------------------------- single-device weights
-def load_full_state_dict(model: nn.Module, state_dict: dict[str, Tensor], source: str = "state dict") -> None:
+def load_full_state_dict(
+    model: nn.Module, state_dict: dict[str, Tensor] | None, source: str = "state dict", broadcast_from_rank0: bool = False
+) -> None:
     """Load a single-device state dict (e.g. the official ``dit.pt``) into a parallelized model, strictly.
 
-    Every rank passes the same dict (read it with ``mmap``: ``read_official_state_dict``); each
-    keeps its own shards. Fused projections are put into the head-aligned order of tensor parallelism.
-    Works on a model built on the meta device and moved with ``to_empty``.
+    Every rank passes the same dict (read it with ``mmap``: ``read_official_state_dict``), or, with
+    ``broadcast_from_rank0``, only rank 0 passes it (the others pass None) and its tensors are
+    broadcast. Each rank keeps its own shards. Fused projections are put into the head-aligned order
+    of tensor parallelism. Works on a model built on the meta device and moved with ``to_empty``.
     """
     from mugen.models.dit.official import check_state_dict_fits
 
-    check_state_dict_fits(state_dict, model, source)
-    fused_rows = getattr(model, FUSED_ROWS_ATTRIBUTE, {})
+    holds_weights = not broadcast_from_rank0 or dist.get_rank() == 0
     prepared = {}
-    for name, tensor in state_dict.items():
-        if name in fused_rows:
-            tensor = tensor[fused_rows[name].permuted_from_canonical(tensor.shape[0])]
-        prepared[name] = tensor
-    set_model_state_dict(model, prepared, options=StateDictOptions(full_state_dict=True, strict=True))
+    if holds_weights:
+        if state_dict is None:
+            raise MugenError(f"load_full_state_dict: rank {dist.get_rank()} got no state dict; pass {source} on this rank")
+        check_state_dict_fits(state_dict, model, source)
+        fused_rows = getattr(model, FUSED_ROWS_ATTRIBUTE, {})
+        for name, tensor in state_dict.items():
+            if name in fused_rows:
+                tensor = tensor[fused_rows[name].permuted_from_canonical(tensor.shape[0])]
+            prepared[name] = tensor
+    options = StateDictOptions(full_state_dict=True, strict=True, broadcast_from_rank0=broadcast_from_rank0)
+    set_model_state_dict(model, prepared, options=options)
+
+
+def initialize_from_single_device(model: nn.Module, build: Callable[[], nn.Module], device: str | torch.device) -> None:
+    """Give a parallelized model (built on the meta device) the weights ``build()`` makes on one device.
+
+    Rank 0 builds the single-device model on the CPU (the whole model in host memory, once per job)
+    and its weights are broadcast into every rank's shards, so a run starts from the same weights
+    whatever its layout.
+    """
+    model.to_empty(device=device)
+    reference = build() if dist.get_rank() == 0 else None
+    state_dict = reference.state_dict() if reference is not None else None
+    load_full_state_dict(model, state_dict, source="the single-device model", broadcast_from_rank0=True)
 
 
 # ------------------------------------------------------------------------------------ export
