@@ -422,28 +422,30 @@ class QKNormRopeFunction(torch.autograd.Function):
             rotations.stride(0), rotations.stride(1), q.stride(0), q.stride(2), q.stride(1), eps,
             ROUND_PRODUCT=round_product, ROWS=QK_ROWS, BLOCK_HALF=block_half, num_warps=4,
         )
-        ctx.save_for_backward(qkv, q_weight, k_weight, rotations)
+        # Keep only the q and k parts (v is not needed for the backward pass), so the qkv projection's
+        # output can be freed once SDPA holds its own v: one bf16 copy of 2d per token saved.
+        ctx.save_for_backward(qkv[:, :, :2].contiguous(), q_weight, k_weight, rotations)
         ctx.eps = eps
         return q, k, v  # each (B, H, N, hd)
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
-        qkv, q_weight, k_weight, rotations = ctx.saved_tensors
-        batch, tokens, _, heads, head_dim = qkv.shape
+        qk, q_weight, k_weight, rotations = ctx.saved_tensors  # qk (B, N, 2, H, hd) contiguous
+        batch, tokens, _, heads, head_dim = qk.shape
         half = head_dim // 2
         rows = batch * tokens * heads
-        grads = [g if g is not None else torch.zeros(batch, heads, tokens, head_dim, device=qkv.device) for g in (dq, dk, dv)]
+        grads = [g if g is not None else torch.zeros(batch, heads, tokens, head_dim, device=qk.device) for g in (dq, dk, dv)]
         # The kernel takes one set of strides for the three gradients (SDPA gives them one layout).
         if grads[0].stride(-1) != 1 or any(g.stride() != grads[0].stride() for g in grads):
             grads = [g.contiguous() for g in grads]
         dq, dk, dv = grads
         num_blocks = triton.cdiv(rows, QK_ROWS)
-        dqkv = torch.empty(batch, tokens, 3, heads, head_dim, dtype=qkv.dtype, device=qkv.device)
-        partial = torch.zeros(2, num_blocks, head_dim, dtype=torch.float32, device=qkv.device)
+        dqkv = torch.empty(batch, tokens, 3, heads, head_dim, dtype=qk.dtype, device=qk.device)
+        partial = torch.zeros(2, num_blocks, head_dim, dtype=torch.float32, device=qk.device)
         _qk_norm_rope_bwd[(num_blocks, 3)](
-            qkv, rotations, q_weight, k_weight, dq, dk, dv, dqkv, partial,
+            qk, rotations, q_weight, k_weight, dq, dk, dv, dqkv, partial,
             rows, tokens, heads, half, head_dim, num_blocks,
-            qkv.stride(0), qkv.stride(1), qkv.stride(2), qkv.stride(3),
+            qk.stride(0), qk.stride(1), qk.stride(2), qk.stride(3),
             rotations.stride(0), rotations.stride(1),
             dq.stride(0), dq.stride(2), dq.stride(1), ctx.eps,
             ROWS=QK_ROWS, BLOCK_HALF=triton.next_power_of_2(half), num_warps=4,

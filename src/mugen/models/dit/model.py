@@ -126,9 +126,13 @@ class CrossAttention(nn.Module):
     def forward(self, x: Tensor, text: Tensor, text_attn_mask: Tensor | None) -> Tensor:
         batch, tokens, _ = x.shape
         text_len = text.shape[1]
-        q = self.q_norm(self.q_linear(x).view(batch, tokens, self.num_heads, self.head_dim))
+        q = self.q_linear(x).view(batch, tokens, self.num_heads, self.head_dim)
         k, v = self.kv_linear(text).view(batch, text_len, 2, self.num_heads, self.head_dim).unbind(2)
-        k = self.k_norm(k)
+        if isinstance(self.q_norm, RMSNorm) and kernels.use_kernels(q) and plain_tensors(self.q_norm.weight):
+            q = kernels.rms_norm(q, self.q_norm.weight, self.q_norm.eps)  # keeps only q for backward
+            k = kernels.rms_norm(k, self.k_norm.weight, self.k_norm.eps)
+        else:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (tensor.transpose(1, 2) for tensor in (q, k, v))  # (B, heads, len, hd)
         out = self.attention_op(q, k, v, attn_mask=text_attn_mask)  # mask (B, 1, 1, L)
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim))
@@ -243,9 +247,13 @@ class MUGDiTBlock(nn.Module):
         shift, scale, gate = params[:, 3], params[:, 4], params[:, 5]
         shift0, scale0, gate0 = params_t0[:, 3], params_t0[:, 4], params_t0[:, 5]
         h = kernels.layernorm_modulate(x, shift, scale, shift0, scale0, use_t0, self.norm.eps)
-        hidden = self.mlp.act(self.mlp.fc1(h))  # (B, N + 2, 4d)
+        hidden = self.mlp.fc1(h)  # (B, N + 2, 4d), before the GELU
         fc2_bias_fused = plain_linear(self.mlp.fc2)
-        y = F.linear(hidden, self.mlp.fc2.weight) if fc2_bias_fused else self.mlp.fc2(hidden)
+        if fc2_bias_fused and isinstance(self.mlp.act, nn.GELU) and self.mlp.act.approximate == "tanh":
+            y = kernels.gelu_linear(hidden, self.mlp.fc2.weight)  # GELU recomputed in backward
+        else:
+            y = self.mlp.fc2(self.mlp.act(hidden))
+            fc2_bias_fused = False
         return kernels.gated_residual(x, y, self.mlp.fc2.bias if fc2_bias_fused else None, gate, gate0, use_t0)
 
 
