@@ -4,11 +4,12 @@ Two torch ``autograd.Function``s that keep less for the backward pass than autog
 recompute cheap elementwise work instead (the matmuls are never recomputed):
 
 - :func:`rms_norm` keeps only its input (autograd keeps the fp32 upcast, the normalised tensor and
-  the product: about six bf16-sized copies) - used for the cross-attention QK-norm;
+  the product: about six bf16-sized copies) - used for the cross-attention QK-norm; a Triton kernel
+  for contiguous inputs, a torch Function otherwise;
 - :func:`gelu_linear` ``linear(gelu_tanh(u), W)`` keeps ``u`` and recomputes the GELU in the
   backward pass instead of also keeping its 4d-wide output (the MLP's fc2 input).
 
-Both are plain torch (no Triton): memory, not bandwidth, is what they save.
+Memory, not bandwidth, is what they are for.
 """
 
 from __future__ import annotations
@@ -49,9 +50,15 @@ class RMSNormFunction(torch.autograd.Function):
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
-    """RMSNorm over the last dim; keeps only x for the backward pass when the kernels are on."""
+    """RMSNorm over the last dim; keeps only x for the backward pass when the kernels are on.
+    Contiguous x: one Triton pass each way; otherwise (e.g. the k half of a kv projection) the
+    torch Function above."""
     if not kernels.use_kernels(x):
         return rms_norm_reference(x, weight, eps)
+    if x.is_contiguous():
+        from mugen.kernels.triton_kernels import RMSNormTritonFunction
+
+        return RMSNormTritonFunction.apply(x, weight, eps, torch.promote_types(x.dtype, weight.dtype))
     return RMSNormFunction.apply(x, weight, eps)
 
 

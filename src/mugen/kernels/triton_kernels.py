@@ -452,3 +452,74 @@ class QKNormRopeFunction(torch.autograd.Function):
         )
         weight_grads = partial.sum(1)  # (2, hd)
         return dqkv, weight_grads[0].to(q_weight.dtype), weight_grads[1].to(k_weight.dtype), None, None, None
+
+
+# ---------------------------------------------------------------- RMSNorm (cross-attention QK-norm)
+
+
+@triton.jit
+def _rms_norm_fwd(X, W, OUT, R, D, eps, ROUND_PRODUCT: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # x, out contiguous (R, D)
+    cols = tl.arange(0, BLOCK_D)
+    mask = (rows < R)[:, None] & (cols < D)[None, :]
+    offsets = rows[:, None] * D + cols[None, :]
+    x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
+    normed = (x * rstd[:, None]).to(X.dtype.element_ty).to(tl.float32)  # rounded back, as RMSNorm does
+    out = normed * tl.load(W + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
+    if ROUND_PRODUCT:
+        out = out.to(W.dtype.element_ty).to(tl.float32)
+    tl.store(OUT + offsets, out.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_norm_bwd(X, W, DOUT, DX, PARTIAL, R, D, eps, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    mask = (rows < R)[:, None] & cmask[None, :]
+    offsets = rows[:, None] * D + cols[None, :]
+    x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
+    dout = tl.load(DOUT + offsets, mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
+    xhat = x * rstd[:, None]
+    tl.store(PARTIAL + pid * D + cols, tl.sum(dout * xhat.to(X.dtype.element_ty).to(tl.float32), axis=0), mask=cmask)
+    dn = dout * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    proj = tl.sum(dn * xhat, axis=1) / D
+    tl.store(DX + offsets, ((dn - xhat * proj[:, None]) * rstd[:, None]).to(DX.dtype.element_ty), mask=mask)
+
+
+RMS_ROWS = 32
+
+
+class RMSNormTritonFunction(torch.autograd.Function):
+    """RMSNorm over the last dim of a contiguous tensor; keeps only x (and the weight)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, out_dtype):
+        dim = x.shape[-1]
+        rows = x.numel() // dim
+        out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+        round_product = weight.dtype != torch.float32 and x.dtype != torch.float32
+        block = triton.next_power_of_2(dim)
+        _rms_norm_fwd[(triton.cdiv(rows, RMS_ROWS),)](
+            x, weight, out, rows, dim, eps, ROUND_PRODUCT=round_product, ROWS=RMS_ROWS, BLOCK_D=block, num_warps=4
+        )
+        ctx.save_for_backward(x, weight)
+        ctx.eps = eps
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weight = ctx.saved_tensors
+        dim = x.shape[-1]
+        rows = x.numel() // dim
+        dout = dout.contiguous()
+        num_blocks = triton.cdiv(rows, RMS_ROWS)
+        dx = torch.empty_like(x)
+        partial = torch.empty(num_blocks, dim, dtype=torch.float32, device=x.device)
+        _rms_norm_bwd[(num_blocks,)](
+            x, weight, dout, dx, partial, rows, dim, ctx.eps, ROWS=RMS_ROWS, BLOCK_D=triton.next_power_of_2(dim), num_warps=4
+        )
+        return dx, partial.sum(0).to(weight.dtype), None, None
