@@ -171,6 +171,11 @@ def kernels_part(args) -> list[dict]:
             lambda qkv, wq, wk: kernels.qk_norm_rope_reference(qkv, wq, wk, rotations),
             [randn(1, n, 3, heads, HEAD_DIM, scale=2), randn(HEAD_DIM, scale=0.3, shift=1), randn(HEAD_DIM, scale=0.3, shift=1)],
         ),
+        "rms_norm": (
+            kernels.rms_norm,
+            kernels.rms_norm_reference,
+            [randn(1, n, heads, HEAD_DIM, scale=2), randn(HEAD_DIM, scale=0.3, shift=1)],
+        ),
     }
     for name, (fused, reference, inputs) in cases.items():
         for dtype in (torch.float32, torch.bfloat16):

@@ -129,6 +129,7 @@ def run(args, variant: str, fused_adam: bool) -> dict:
         "batch": b,
         "compile_blocks": compile_blocks,
         "fused_adamw": fused_adam,
+        "activation_memory_budget": args.activation_memory_budget if compile_blocks else None,
         "median_step_ms": round(median_ms, 1),
         "min_step_ms": round(min(times), 1),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
@@ -160,11 +161,22 @@ def main():
         help="comma-separated (eager|compiled)[-torch|-fused]-(auto|default|cudnn|flash|efficient) variants",
     )
     parser.add_argument("--fused-adam", choices=["no", "yes", "both"], default="yes", help="fused AdamW")
+    parser.add_argument(
+        "--activation-memory-budget",
+        type=float,
+        default=None,
+        help="compiled variants: torch._functorch activation_memory_budget (1.0 = default partitioner; lower "
+        "recomputes cheap pointwise ops in the backward to keep fewer activations; no block recompute)",
+    )
     parser.add_argument("--check", action="store_true", help="compare each variant's forward with the fp32 model first")
     parser.add_argument("--profile", default=None, help="write a torch.profiler table of the last variant's step here")
     parser.add_argument("--json", default=None, help="write results here")
     args = parser.parse_args()
     fused_options = {"no": [False], "yes": [True], "both": [False, True]}[args.fused_adam]
+    if args.activation_memory_budget is not None:
+        import torch._functorch.config as functorch_config
+
+        functorch_config.activation_memory_budget = args.activation_memory_budget
     results = []
     variants = args.variants.split(",")
     for variant in variants:

@@ -9,6 +9,9 @@ reference that states the math:
   sample's (shift, scale) and the t = 0 pair (conditioned frames, start/end tokens);
 - :func:`qk_norm_rope` RMSNorm of q and k, then 3D RoPE, straight from the qkv projection.
 
+and two torch Functions that keep less activation memory (:mod:`mugen.kernels.memory`):
+:func:`rms_norm` (cross-attention QK-norm) and :func:`gelu_linear` (GELU recomputed in fc2's backward).
+
 Switch: ``MUGEN_KERNELS=0`` in the environment, :func:`set_enabled`, or the :func:`enabled` context
 manager. The default (``None``, "auto") uses the kernels for CUDA tensors when Triton is importable,
 and never for CPU tensors; ``True`` forces them, also on the CPU where it needs ``TRITON_INTERPRET=1``
@@ -93,18 +96,23 @@ def output_dtype(*tensors: torch.Tensor, autocast_to_low: bool) -> torch.dtype:
 
 from mugen.kernels.adaln import layernorm_modulate, layernorm_modulate_reference  # noqa: E402
 from mugen.kernels.gated_residual import gated_residual, gated_residual_reference  # noqa: E402
+from mugen.kernels.memory import gelu_linear, gelu_linear_reference, rms_norm, rms_norm_reference  # noqa: E402
 from mugen.kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_reference  # noqa: E402
 
 __all__ = [
     "enabled",
     "gated_residual",
     "gated_residual_reference",
+    "gelu_linear",
+    "gelu_linear_reference",
     "interpreting",
     "is_enabled",
     "layernorm_modulate",
     "layernorm_modulate_reference",
     "qk_norm_rope",
     "qk_norm_rope_reference",
+    "rms_norm",
+    "rms_norm_reference",
     "set_enabled",
     "triton_available",
     "use_kernels",

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 import mugen.kernels as kernels
-from mugen.models.common.layers import rms_norm
+from mugen.kernels.memory import rms_norm_reference as rms_norm
 from mugen.models.common.rope import apply_rope
 
 

@@ -422,31 +422,104 @@ class QKNormRopeFunction(torch.autograd.Function):
             rotations.stride(0), rotations.stride(1), q.stride(0), q.stride(2), q.stride(1), eps,
             ROUND_PRODUCT=round_product, ROWS=QK_ROWS, BLOCK_HALF=block_half, num_warps=4,
         )
-        ctx.save_for_backward(qkv, q_weight, k_weight, rotations)
+        # Keep only the q and k parts (v is not needed for the backward pass), so the qkv projection's
+        # output can be freed once SDPA holds its own v: one bf16 copy of 2d per token saved.
+        ctx.save_for_backward(qkv[:, :, :2].contiguous(), q_weight, k_weight, rotations)
         ctx.eps = eps
         return q, k, v  # each (B, H, N, hd)
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
-        qkv, q_weight, k_weight, rotations = ctx.saved_tensors
-        batch, tokens, _, heads, head_dim = qkv.shape
+        qk, q_weight, k_weight, rotations = ctx.saved_tensors  # qk (B, N, 2, H, hd) contiguous
+        batch, tokens, _, heads, head_dim = qk.shape
         half = head_dim // 2
         rows = batch * tokens * heads
-        grads = [g if g is not None else torch.zeros(batch, heads, tokens, head_dim, device=qkv.device) for g in (dq, dk, dv)]
+        grads = [g if g is not None else torch.zeros(batch, heads, tokens, head_dim, device=qk.device) for g in (dq, dk, dv)]
         # The kernel takes one set of strides for the three gradients (SDPA gives them one layout).
         if grads[0].stride(-1) != 1 or any(g.stride() != grads[0].stride() for g in grads):
             grads = [g.contiguous() for g in grads]
         dq, dk, dv = grads
         num_blocks = triton.cdiv(rows, QK_ROWS)
-        dqkv = torch.empty(batch, tokens, 3, heads, head_dim, dtype=qkv.dtype, device=qkv.device)
-        partial = torch.zeros(2, num_blocks, head_dim, dtype=torch.float32, device=qkv.device)
+        dqkv = torch.empty(batch, tokens, 3, heads, head_dim, dtype=qk.dtype, device=qk.device)
+        partial = torch.zeros(2, num_blocks, head_dim, dtype=torch.float32, device=qk.device)
         _qk_norm_rope_bwd[(num_blocks, 3)](
-            qkv, rotations, q_weight, k_weight, dq, dk, dv, dqkv, partial,
+            qk, rotations, q_weight, k_weight, dq, dk, dv, dqkv, partial,
             rows, tokens, heads, half, head_dim, num_blocks,
-            qkv.stride(0), qkv.stride(1), qkv.stride(2), qkv.stride(3),
+            qk.stride(0), qk.stride(1), qk.stride(2), qk.stride(3),
             rotations.stride(0), rotations.stride(1),
             dq.stride(0), dq.stride(2), dq.stride(1), ctx.eps,
             ROWS=QK_ROWS, BLOCK_HALF=triton.next_power_of_2(half), num_warps=4,
         )
         weight_grads = partial.sum(1)  # (2, hd)
         return dqkv, weight_grads[0].to(q_weight.dtype), weight_grads[1].to(k_weight.dtype), None, None, None
+
+
+# ---------------------------------------------------------------- RMSNorm (cross-attention QK-norm)
+
+
+@triton.jit
+def _rms_norm_fwd(X, W, OUT, R, D, eps, ROUND_PRODUCT: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # x, out contiguous (R, D)
+    cols = tl.arange(0, BLOCK_D)
+    mask = (rows < R)[:, None] & (cols < D)[None, :]
+    offsets = rows[:, None] * D + cols[None, :]
+    x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
+    normed = (x * rstd[:, None]).to(X.dtype.element_ty).to(tl.float32)  # rounded back, as RMSNorm does
+    out = normed * tl.load(W + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
+    if ROUND_PRODUCT:
+        out = out.to(W.dtype.element_ty).to(tl.float32)
+    tl.store(OUT + offsets, out.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_norm_bwd(X, W, DOUT, DX, PARTIAL, R, D, eps, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    mask = (rows < R)[:, None] & cmask[None, :]
+    offsets = rows[:, None] * D + cols[None, :]
+    x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
+    dout = tl.load(DOUT + offsets, mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
+    xhat = x * rstd[:, None]
+    tl.store(PARTIAL + pid * D + cols, tl.sum(dout * xhat.to(X.dtype.element_ty).to(tl.float32), axis=0), mask=cmask)
+    dn = dout * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    proj = tl.sum(dn * xhat, axis=1) / D
+    tl.store(DX + offsets, ((dn - xhat * proj[:, None]) * rstd[:, None]).to(DX.dtype.element_ty), mask=mask)
+
+
+RMS_ROWS = 32
+
+
+class RMSNormTritonFunction(torch.autograd.Function):
+    """RMSNorm over the last dim of a contiguous tensor; keeps only x (and the weight)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, out_dtype):
+        dim = x.shape[-1]
+        rows = x.numel() // dim
+        out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+        round_product = weight.dtype != torch.float32 and x.dtype != torch.float32
+        block = triton.next_power_of_2(dim)
+        _rms_norm_fwd[(triton.cdiv(rows, RMS_ROWS),)](
+            x, weight, out, rows, dim, eps, ROUND_PRODUCT=round_product, ROWS=RMS_ROWS, BLOCK_D=block, num_warps=4
+        )
+        ctx.save_for_backward(x, weight)
+        ctx.eps = eps
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weight = ctx.saved_tensors
+        dim = x.shape[-1]
+        rows = x.numel() // dim
+        dout = dout.contiguous()
+        num_blocks = triton.cdiv(rows, RMS_ROWS)
+        dx = torch.empty_like(x)
+        partial = torch.empty(num_blocks, dim, dtype=torch.float32, device=x.device)
+        _rms_norm_bwd[(num_blocks,)](
+            x, weight, dout, dx, partial, rows, dim, ctx.eps, ROWS=RMS_ROWS, BLOCK_D=triton.next_power_of_2(dim), num_warps=4
+        )
+        return dx, partial.sum(0).to(weight.dtype), None, None

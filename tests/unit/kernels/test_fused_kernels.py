@@ -35,7 +35,7 @@ def kernels_forced_on():
 
 
 def leaves(*tensors, dtype):
-    return [t.to(dtype).requires_grad_(True) if t is not None else None for t in tensors]
+    return [t.detach().to(dtype).requires_grad_(True) if t is not None else None for t in tensors]
 
 
 def run_both(fused_fn, reference_fn, inputs, dtype, seed=1):
@@ -175,3 +175,33 @@ def test_switch_routes_to_reference():
         assert calls == [1]
     finally:
         triton_kernels.LayerNormModulateFunction.apply = original
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_memory_saving_functions_match_reference(dtype):
+    """rms_norm and gelu_linear keep less for backward; values and gradients are unchanged."""
+    generator = torch.Generator().manual_seed(9)
+    x, weight = 2 * torch.randn(2, 5, 3, 72, generator=generator), 1 + 0.3 * torch.randn(72, generator=generator)
+    for strided in (False, True):  # contiguous: Triton kernel; strided: torch Function
+        def fused(x, weight):
+            return kernels.rms_norm(x.transpose(1, 2) if strided else x, weight)
+
+        def reference(x, weight):
+            return kernels.rms_norm_reference(x.transpose(1, 2) if strided else x, weight)
+
+        (out,), (expected,), fused_in, ref_in = run_both(fused, reference, [x, weight], dtype)
+        assert_close(out, expected, dtype, "rms_norm")
+        for name, a, b in zip(["x", "weight"], fused_in, ref_in):
+            assert_close(a.grad, b.grad, dtype, f"rms_norm grad {name}")
+    u, w = torch.randn(2, 7, 40, generator=generator), 0.2 * torch.randn(24, 40, generator=generator)
+    (out,), (expected,), fused_in, ref_in = run_both(kernels.gelu_linear, kernels.gelu_linear_reference, [u, w], dtype)
+    assert_close(out, expected, dtype, "gelu_linear")
+    for name, a, b in zip(["u", "weight"], fused_in, ref_in):
+        assert_close(a.grad, b.grad, dtype, f"gelu_linear grad {name}")
+
+
+def test_gelu_linear_keeps_only_its_input():
+    u, w = torch.randn(3, 16, requires_grad=True), torch.randn(8, 16, requires_grad=True)
+    out = kernels.gelu_linear(u, w)
+    saved = out.grad_fn.saved_tensors
+    assert [t.data_ptr() for t in saved] == [u.data_ptr(), w.data_ptr()]  # no GELU output kept

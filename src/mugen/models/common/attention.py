@@ -7,10 +7,10 @@ The contract: ``forward(q, k, v, attn_mask=None) -> out``, all ``(B, heads, toke
 
 SDPA backend (seed §5.3; MUG-DiT's head dim is 72): on Hopper GPUs cuDNN's fused attention runs
 head dim 72 about 1.5x faster than the flash backend (benchmarks/results/dit_block.md), so
-``"auto"`` prefers cuDNN there for unmasked attention (self-attention), then flash,
-memory-efficient and math (SDPA falls through to the next one that supports the inputs). Masked
-calls (cross-attention to padded text) keep torch's own choice under ``"auto"``: cuDNN with a
-boolean mask was measured much slower. Elsewhere ``"auto"`` keeps torch's choice. Choose with
+``"auto"`` prefers cuDNN there, then flash, memory-efficient and math (SDPA falls through to the
+next one that supports the inputs). That includes the masked cross-attention to padded text, where
+torch's own choice (memory-efficient) cost ~110 ms more per 1B training step than cuDNN
+(benchmarks/results/dit_1b_train_step.md). Elsewhere ``"auto"`` keeps torch's choice. Choose with
 ``MUGEN_SDPA_BACKEND`` (``auto``, ``default``, ``cudnn``, ``flash``, ``efficient``, ``math``),
 :func:`set_sdpa_backend`, or per module (``ScaledDotProductAttention(backend="flash")``). A named
 backend is tried first for every call and the others follow as fall-backs; ``default`` leaves the
@@ -64,12 +64,12 @@ def _is_hopper_or_newer(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) >= (9, 0)
 
 
-def backend_priority(name: str, device: torch.device, masked: bool = False) -> list[SDPBackend] | None:
+def backend_priority(name: str, device: torch.device) -> list[SDPBackend] | None:
     """The SDPA backends to try, in order, for ``name`` on ``device``; None = torch's default."""
     if device.type != "cuda" or name == "default":
         return None
     if name == "auto":
-        if masked or not _is_hopper_or_newer(device.index if device.index is not None else torch.cuda.current_device()):
+        if not _is_hopper_or_newer(device.index if device.index is not None else torch.cuda.current_device()):
             return None
         name = "cudnn"
     first = _ORDER[name]
@@ -101,7 +101,7 @@ class ScaledDotProductAttention(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None) -> Tensor:
         # q (B, heads, N, hd), k/v (B, heads, L, hd), attn_mask broadcastable to (B, heads, N, L)
-        priority = backend_priority(self.backend or get_sdpa_backend(), q.device, masked=attn_mask is not None)
+        priority = backend_priority(self.backend or get_sdpa_backend(), q.device)
         if priority is None:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, N, hd)
         with sdpa_kernel(priority, set_priority=True):

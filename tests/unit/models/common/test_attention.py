@@ -90,7 +90,6 @@ def test_backend_choice():
     order = attention.backend_priority("flash", cuda)
     assert order[0] == SDPBackend.FLASH_ATTENTION and len(order) == 4 and SDPBackend.CUDNN_ATTENTION in order
     assert attention.backend_priority("default", cuda) is None
-    assert attention.backend_priority("auto", cuda, masked=True) is None  # masked calls: torch decides
     with pytest.raises(MugenError, match="unknown"):
         attention.set_sdpa_backend("fastest")
     with pytest.raises(MugenError, match="unknown"):
