@@ -75,11 +75,13 @@ class _FrameIndexer:
         self.time_base = float(stream.time_base) if stream.time_base else 0.0
         self.start = stream.start_time or 0
         self.fps = fps
+        self._scale = self.time_base * fps  # frames per timestamp tick
 
     def index(self, frame, fallback: int) -> int:
-        if frame.pts is None or self.time_base == 0.0:
+        pts = frame.pts
+        if pts is None or self._scale == 0.0:
             return fallback
-        return int(round((frame.pts - self.start) * self.time_base * self.fps))
+        return int(round((pts - self.start) * self._scale))
 
     def timestamp(self, frame_index: int) -> int:
         return int(self.start + frame_index / self.fps / self.time_base)

@@ -4,7 +4,9 @@ Every clip is scored from a handful of decoded frames, never the whole clip (`sc
 them with keyframe-aware seeks; `split_and_score` keeps them while splitting, in one pass):
 
 - frames: three evenly spaced pairs of consecutive frames, at the start, middle and end of the
-  clip (`sample_pairs`); plus a short run of consecutive frames in the middle for camera shake;
+  clip (`sample_pairs`); plus a short run of consecutive frames in the middle for camera shake.
+  `split_and_score` takes the pairs on a grid (pairs starting at multiples of 8, at most 7
+  frames from `score_clip`'s exact positions) so that it can keep them while decoding once;
 - processing resolution: frames are scaled inside FFmpeg so the short side is 480 px
   (`FilterConfig.processing_short_side`; 854x480 for 16:9), whatever the source resolution
   (smaller videos are scaled up, so a low-resolution source scores as blurry as it looks at 480p).
