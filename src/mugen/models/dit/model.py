@@ -17,6 +17,12 @@ tokens, which always take the t = 0 modulation, as in the release (its forward a
 frame mask, all-noisy for text-to-video, and gives the two boundary tokens t = 0).
 
 Parameter names and shapes follow the released ``dit.pt`` so it loads strictly into the 10B preset.
+
+Speed (seed §5.3): with ``mugen.kernels`` on (the default for CUDA tensors) a block runs
+``forward_fused``: Triton kernels for LayerNorm + modulation, QK RMSNorm + RoPE and bias + gate +
+residual, with the per-token t = 0 choice made inside them. Compiled blocks run the same
+formulation with the torch references. With the kernels off (and on the CPU) ``forward`` is the
+plain torch code that the reference-parity tests check exactly.
 """
 
 from __future__ import annotations
@@ -164,7 +170,7 @@ def plain_linear(module: nn.Module) -> bool:
     return type(module) is nn.Linear and plain_tensors(module.weight)
 
 
-def boundary_and(clean_tokens: Tensor | None, batch: int, tokens: int, device) -> Tensor:
+def tokens_taking_t0(clean_tokens: Tensor | None, batch: int, tokens: int, device) -> Tensor:
     """Tokens that take the t = 0 modulation, (B, N + 2) bool: the start and end tokens, and the
     conditioned frames' tokens when ``clean_tokens`` (B, N + 2, 1) is given (it includes the ends)."""
     if clean_tokens is not None:
@@ -234,7 +240,7 @@ class MUGDiTBlock(nn.Module):
         the per-token choice of the t = 0 modulation made inside the kernels. A LoRA-wrapped proj
         or fc2 keeps its own bias (there is no plain bias to move)."""
         batch, tokens, _ = x.shape
-        use_t0 = boundary_and(clean_tokens, batch, tokens, x.device)  # (B, N + 2)
+        use_t0 = tokens_taking_t0(clean_tokens, batch, tokens, x.device)  # (B, N + 2)
         params = self.scale_shift_table[None] + t_mod.view(batch, 6, -1)  # (B, 6, d)
         params_t0 = self.scale_shift_table[None] + t0_mod.view(batch, 6, -1)  # (B, 6, d)
         shift, scale, gate = params[:, 0], params[:, 1], params[:, 2]
