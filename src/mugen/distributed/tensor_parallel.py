@@ -27,9 +27,14 @@ store and load the canonical [q | k | v] order whatever the TP degree.
 
 Parameters that stay replicated inside a block but only see a rank's share of the work (the adaLN
 table, the cross-attention LayerNorm, the QK-norm gains) get a gradient hook that sums their
-gradient over the ``tp`` group; so do the replicated adaLN signals entering each block. Everything outside the blocks (embedders, final layer) runs
-replicated on the whole sequence: the sequence is split before the first block and gathered after
-the last one.
+gradient over the ``tp`` group; so do the replicated adaLN signals entering each block.
+Everything outside the blocks (embedders, final layer) runs replicated on the whole sequence: the
+sequence is split before the first block and gathered after the last one.
+
+Communication per block and step: 3 all-gathers (self-attention, cross-attention, MLP inputs) and
+3 reduce-scatters forward, the mirror image backward, plus small all-reduces of the adaLN signal
+and replicated-parameter gradients. Sub-layer inputs and outputs are plain local tensors (lazy
+collective results are materialised), so fused kernels inside the block see ordinary tensors.
 """
 
 from __future__ import annotations
