@@ -57,6 +57,7 @@ def train_steps(rank, world_size, layout, output_dir, first_step, last_step, res
     model = parallelize_dit(tiny_dit(), mesh, config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.01)
     checkpointer = DistributedCheckpointer(output_dir, model, optimizer, async_save=async_save, layout=layout, keep_checkpoints=1)
+    assert checkpointer.async_save == async_save  # this torch writes in the background
     restored = checkpointer.load() if resume else None
     dp_index, dp_count = data_parallel_rank(mesh)
     share = GLOBAL_BATCH // dp_count
