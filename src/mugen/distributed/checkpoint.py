@@ -149,6 +149,8 @@ def _checkpoint_tensor(tensor: Tensor, layout: FusedRows | None) -> Tensor | Non
     sizes, offsets = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
     if local.numel() == 0:
         return None
+    if tuple(sizes) == tuple(tensor.shape) and layout is None:
+        return local  # one rank holds all of it (a mesh of one): a plain tensor
     if layout is None:
         return _sharded_tensor([(local, list(offsets))], tensor.shape)
     if any(offsets[1:]) or tuple(sizes[1:]) != tuple(tensor.shape[1:]):
