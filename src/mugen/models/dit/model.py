@@ -66,8 +66,19 @@ class MUGDiTConfig:
         return cls(**data)
 
 
+class ScaledDotProductAttention(nn.Module):
+    """softmax(q k^T / sqrt(hd)) v on (B, heads, N, hd); a submodule so a kernel or a ring can replace it."""
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return F.scaled_dot_product_attention(q, k, v)
+
+
 class SelfAttention(nn.Module):
-    """Full bidirectional attention over the video sequence with QK RMSNorm and 3D RoPE."""
+    """Full bidirectional attention over the video sequence with QK RMSNorm and 3D RoPE.
+
+    Head split and merge read ``num_heads`` (not the input width), so tensor parallelism can set it
+    to the local head count after sharding the projections.
+    """
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = True):
         super().__init__()
@@ -76,18 +87,19 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.attention_op = ScaledDotProductAttention()
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor, rope: Tensor) -> Tensor:
-        batch, tokens, dim = x.shape
+        batch, tokens, _ = x.shape
         qkv = self.qkv(x).view(batch, tokens, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(2)  # each (B, N, heads, hd)
         q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (tensor.transpose(1, 2) for tensor in (q, k, v))  # (B, heads, N, hd)
         q = apply_rope(q, rope)
         k = apply_rope(k, rope)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, hd)
-        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+        out = self.attention_op(q, k, v)  # (B, heads, N, hd)
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim))
 
 
 class CrossAttention(nn.Module):
@@ -104,14 +116,14 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor, text: Tensor, text_attn_mask: Tensor | None) -> Tensor:
-        batch, tokens, dim = x.shape
+        batch, tokens, _ = x.shape
         text_len = text.shape[1]
         q = self.q_norm(self.q_linear(x).view(batch, tokens, self.num_heads, self.head_dim))
         k, v = self.kv_linear(text).view(batch, text_len, 2, self.num_heads, self.head_dim).unbind(2)
         k = self.k_norm(k)
         q, k, v = (tensor.transpose(1, 2) for tensor in (q, k, v))  # (B, heads, len, hd)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=text_attn_mask)  # mask (B, 1, 1, L)
-        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim))
 
 
 def select_modulation(table: Tensor, t_mod: Tensor, t0_mod: Tensor, clean_tokens: Tensor | None, count: int):

@@ -1,0 +1,121 @@
+"""``parallelize_dit``: lay a single-device MUG-DiT over a 5D device mesh (seed §5.1).
+
+Order (torchtitan's): tensor + sequence parallel, context parallel, activation checkpointing,
+per-block compile, then FSDP2 / HSDP over the data-parallel ranks. Pipeline parallelism cuts the
+model into stages instead (``distributed/pipeline.py``).
+
+Typical use, one process per GPU under ``torchrun``::
+
+    config = ParallelConfig(dp_shard=8, tp=2)
+    mesh = build_mesh(config)                          # 16 ranks
+    model = parallelize_dit(MUGDiT(dit_config("10B")), mesh, config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    loss.backward(); clip_grad_norm_(model.parameters(), 1.0); optimizer.step()
+
+Every rank of one ``tp`` (or ``cp``) group must see the same batch, flow times and noise; ranks of
+different data-parallel groups see different samples (``data_parallel_rank``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
+
+from mugen.distributed.activation import apply_activation_checkpointing, compile_blocks
+from mugen.distributed.fsdp import apply_fsdp
+from mugen.distributed.mesh import MESH_AXES, ParallelConfig, axis_size, data_parallel_mesh
+from mugen.distributed.tensor_parallel import apply_tensor_parallel
+from mugen.errors import MugenError
+
+
+def parallelize_dit(model: nn.Module, mesh: DeviceMesh, config: ParallelConfig) -> nn.Module:
+    """Apply ``config`` to ``model`` (a MUGDiT, same initial weights on every rank) in place; returns it.
+
+    With ``pp`` > 1 returns the pipeline wrapper of ``distributed/pipeline.py`` instead (alone:
+    pipeline stages are not combined with the other axes here yet).
+    """
+    config.validate(mesh.size())
+    missing = [axis for axis in MESH_AXES if axis not in (mesh.mesh_dim_names or ())]
+    if missing:
+        raise MugenError(f"parallelize_dit: the mesh lacks axes {missing}; build it with build_mesh(config)")
+    for axis in MESH_AXES:
+        if axis_size(mesh, axis) != getattr(config, axis):
+            raise MugenError(
+                f"parallelize_dit: the mesh has {axis}={axis_size(mesh, axis)} but the config says "
+                f"{getattr(config, axis)}; build the mesh from the same config (build_mesh(config))"
+            )
+    if config.pp > 1:
+        return _pipeline(model, mesh, config)
+
+    if config.tp > 1:
+        apply_tensor_parallel(model, mesh["tp"])
+    if config.cp > 1:
+        if config.tp > 1:
+            raise MugenError(
+                "parallelize_dit: cp > 1 together with tp > 1 is not supported yet (both split the token "
+                "sequence); use one of them"
+            )
+        from mugen.distributed.context_parallel import apply_context_parallel
+
+        apply_context_parallel(model, mesh["cp"])
+    apply_activation_checkpointing(model.blocks, config.activation_checkpointing)
+    if config.compile_blocks:
+        compile_blocks(model.blocks)
+    dp_mesh = data_parallel_mesh(mesh)
+    if dp_mesh is not None:
+        apply_fsdp(
+            model,
+            dp_mesh,
+            param_dtype=config.param_dtype,
+            reduce_dtype=config.reduce_dtype,
+            reshard_after_forward=config.reshard_after_forward,
+        )
+    return model
+
+
+def _pipeline(model: nn.Module, mesh: DeviceMesh, config: ParallelConfig):
+    others = {axis: getattr(config, axis) for axis in ("dp_replicate", "dp_shard", "cp", "tp") if getattr(config, axis) > 1}
+    if others or config.activation_checkpointing != "none" or config.compile_blocks:
+        raise MugenError(
+            f"parallelize_dit: pp={config.pp} is applied on its own here; drop {others or 'recompute/compile'} "
+            "or set pp=1"
+        )
+    from mugen.distributed.pipeline import PipelinedDiT
+
+    return PipelinedDiT(model, mesh["pp"], n_microbatches=config.pp_microbatches, schedule=config.pp_schedule)
+
+
+def data_parallel_rank(mesh: DeviceMesh) -> tuple[int, int]:
+    """(index, count) of this rank's data-parallel group: ranks with the same index see the same samples."""
+    replicate, shard = mesh["dp_replicate"], mesh["dp_shard"]
+    return replicate.get_local_rank() * shard.size() + shard.get_local_rank(), replicate.size() * shard.size()
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters, max_norm: float) -> Tensor:
+    """Clip the global gradient norm of parameters that may be DTensors on different meshes; returns the norm.
+
+    Gradients are grouped by (mesh, placements) and each group's norm is taken with DTensor ops, so
+    shards are summed once and replicas are not counted twice. ``max_norm`` <= 0 only measures.
+    """
+    grads = [parameter.grad for parameter in parameters if parameter.grad is not None]
+    groups: dict[tuple, list[Tensor]] = {}
+    for grad in grads:
+        key = (grad.device_mesh, tuple(grad.placements)) if isinstance(grad, DTensor) else (None, None)
+        groups.setdefault(key, []).append(grad)
+    squared = 0.0
+    for group in groups.values():
+        norm = torch.nn.utils.get_total_norm(group, norm_type=2.0)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        squared += float(norm) ** 2
+    total = math.sqrt(squared)
+    if max_norm > 0 and total > max_norm:
+        scale = max_norm / (total + 1e-6)
+        for grad in grads:
+            grad.mul_(scale)
+    return torch.tensor(total)
