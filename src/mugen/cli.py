@@ -1,4 +1,4 @@
-"""The `mugen` command: demo, encode, train, generate, convert, expand, text-features.
+"""The `mugen` command: demo, encode, train, generate, convert, expand, posthoc-ema, text-features.
 
 User mistakes (``MugenError``) print one line and exit with status 2; anything else is a bug and
 keeps its traceback.
@@ -14,12 +14,12 @@ from mugen.errors import MugenError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mugen.commands import convert, demo, encode, expand, generate, strategy_demo, text_features, train
+    from mugen.commands import convert, demo, encode, expand, generate, posthoc_ema, strategy_demo, text_features, train
 
     parser = argparse.ArgumentParser(prog="mugen", description="Train and run MUG-V-style video generation models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (demo, strategy_demo, encode, train, generate, convert, expand, text_features):
+    for module in (demo, strategy_demo, encode, train, generate, convert, expand, posthoc_ema, text_features):
         module.register(commands)
     return parser
 

@@ -9,6 +9,7 @@ from mugen.errors import MugenError
 def register(commands) -> None:
     parser = commands.add_parser("generate", help="generate a video (T2V, I2V with --image, TI2V with both)")
     parser.add_argument("--checkpoint", required=True, help="run folder of `mugen train dit` (or one of its step folders)")
+    parser.add_argument("--use-ema", action="store_true", help="use the online EMA weights the run exported (CHECKPOINT/ema, `mugen train dit --ema-decay`)")
     parser.add_argument("--prompt", default=None, help="what the video shows (required unless --image is given)")
     parser.add_argument("--negative-prompt", default="", help="what to steer away from (classifier-free guidance)")
     parser.add_argument("--image", default=None, help="first-frame image for image-to-video")
@@ -37,7 +38,14 @@ def run(args) -> int:
     if not args.output.lower().endswith(".mp4"):
         raise MugenError(f"--output {args.output} must end in .mp4")
     device = resolve_device(args.device)
-    pipeline = MugenVideoPipeline.from_checkpoint(args.checkpoint, device=device, vae=args.vae, preset=args.preset)
+    checkpoint = args.checkpoint
+    if args.use_ema:
+        from pathlib import Path
+
+        checkpoint = Path(args.checkpoint) / "ema"
+        if not (checkpoint / "model.safetensors").is_file():
+            raise MugenError(f"--use-ema: {checkpoint} holds no EMA weights; train with `mugen train dit --ema-decay D`")
+    pipeline = MugenVideoPipeline.from_checkpoint(checkpoint, device=device, vae=args.vae, preset=args.preset)
     height, width = args.size
     result = pipeline(
         prompt=args.prompt,

@@ -25,6 +25,9 @@ def register(commands) -> None:
     dit.add_argument("--text-encoder", default="minilm", help="the text encoder that made the features (recorded for `mugen generate`)")
     dit.add_argument("--image-batch-size", type=int, default=None, help="batch size for image buckets (default: --batch-size)")
     dit.add_argument("--init-from", default=None, help="start from these weights with a fresh optimizer (e.g. a `mugen expand` output, seed §4.2.1)")
+    dit.add_argument("--ema-decay", type=float, default=None, help="keep an online EMA of the weights (e.g. 0.999); exported to OUTPUT/ema (`mugen generate --use-ema`)")
+    dit.add_argument("--snapshot-every", type=int, default=None, help="write snapshots/step_* every N steps, never pruned, for `mugen posthoc-ema` (seed §4.2.3)")
+    dit.add_argument("--power-ema-sigma-rel", type=float, action="append", default=None, help="widths of the power-function EMAs stored in each snapshot (repeatable; default 0.05 and 0.10)")
     _add_common(dit)
     dit.set_defaults(handler=run_dit)
 
@@ -128,7 +131,16 @@ def run_dit(args) -> int:
         vae_dir=args.vae,
         text_encoder=args.text_encoder,
         init_from=args.init_from,
+        ema_decay=args.ema_decay,
+        snapshot_every=args.snapshot_every or 0,
+        power_ema_sigma_rels=tuple(args.power_ema_sigma_rel or (0.05, 0.10)),
     )
+    if "curriculum" in record:
+        from mugen.train.curriculum_run import train_dit_curriculum
+
+        history = train_dit_curriculum(spec, record["curriculum"], resume=not args.no_resume)
+        print(f"trained {len(history)} curriculum steps; run folder {args.output}")
+        return 0
     history = train_dit(spec, resume=not args.no_resume)
     print(f"trained {len(history)} steps; run folder {args.output}")
     return 0
