@@ -19,7 +19,7 @@ def register(commands) -> None:
     vae.set_defaults(handler=run_vae)
 
     dit = models.add_parser("dit", help="train MUG-DiT with rectified flow (seed §3.2, §4.2)")
-    dit.add_argument("--manifest", required=True, help="manifest.parquet (or official .csv) from `mugen encode`")
+    dit.add_argument("--manifest", default=None, help="manifest.parquet (or official .csv) from `mugen encode` (not used with a 'curriculum' config section, which names its manifests)")
     dit.add_argument("--preset", default="debug", help="DiT preset: debug, 1B, 2B, 4B, 10B, 18B")
     dit.add_argument("--vae", default=None, help="the VAE folder the latents came from (recorded for `mugen generate`)")
     dit.add_argument("--text-encoder", default="minilm", help="the text encoder that made the features (recorded for `mugen generate`)")
@@ -118,6 +118,10 @@ def run_dit(args) -> int:
     from mugen.train.tasks import DiTTaskConfig
 
     record = load_run_config(args.config)
+    if args.manifest is None and "curriculum" not in record:
+        from mugen.errors import MugenError
+
+        raise MugenError("give --manifest (from `mugen encode`), or a --config whose 'curriculum' section names the manifests")
     spec = DiTRunSpec(
         manifest=args.manifest,
         output_dir=args.output,

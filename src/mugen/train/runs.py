@@ -37,7 +37,7 @@ def dataclass_from_dict(cls, values: dict | None, what: str):
 
 
 def load_run_config(path: str | os.PathLike | None) -> dict:
-    """A JSON file with optional sections "train", "task", "model", "data"."""
+    """A JSON file with optional sections "train", "task", "model", "data", "curriculum" (see curriculum_run.py)."""
     if path is None:
         return {}
     path = Path(path)
@@ -47,9 +47,9 @@ def load_run_config(path: str | os.PathLike | None) -> dict:
         record = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise MugenError(f"config {path} is not valid JSON ({error})") from error
-    unknown = sorted(set(record) - {"train", "task", "model", "data"})
+    unknown = sorted(set(record) - {"train", "task", "model", "data", "curriculum"})
     if unknown:
-        raise MugenError(f"config {path}: unknown sections {unknown}; use train, task, model, data")
+        raise MugenError(f"config {path}: unknown sections {unknown}; use train, task, model, data, curriculum")
     return record
 
 
