@@ -55,7 +55,7 @@ def train_steps(rank, world_size, layout, output_dir, first_step, last_step, res
     mesh = build_mesh(config, device_type="cpu")
     model = parallelize_dit(tiny_dit(), mesh, config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.01)
-    checkpointer = DistributedCheckpointer(output_dir, model, optimizer, async_save=async_save, layout=layout)
+    checkpointer = DistributedCheckpointer(output_dir, model, optimizer, async_save=async_save, layout=layout, keep_checkpoints=1)
     restored = checkpointer.load() if resume else None
     dp_index, dp_count = data_parallel_rank(mesh)
     share = GLOBAL_BATCH // dp_count
@@ -69,6 +69,8 @@ def train_steps(rank, world_size, layout, output_dir, first_step, last_step, res
         total = loss.detach().clone()
         torch.distributed.all_reduce(total)
         losses.append(float(total) / world_size)
+        if not resume and step + 1 < last_step:
+            checkpointer.save(step + 1)  # in flight while the next step trains; pruned by the last save
     if not resume:
         checkpointer.save(last_step, {"data_position": {"epoch": 0, "batches_done": last_step}})
         checkpointer.wait()
@@ -94,7 +96,7 @@ def test_save_is_atomic_and_points_latest_at_it(saved_run):
     root = saved_run["output_dir"] / "checkpoints"
     assert (root / "latest").read_text().strip() == "step_00000002"
     assert latest_distributed_checkpoint(saved_run["output_dir"]) == root / "step_00000002"
-    assert not [path.name for path in root.iterdir() if path.name.startswith(".tmp-")]
+    assert sorted(path.name for path in root.iterdir()) == ["latest", "step_00000002"]  # no temp dirs; step 1 pruned
     meta = json.loads((root / "step_00000002" / "meta.json").read_text())
     assert meta["world_size"] == 4 and meta["layout"] == SAVE_LAYOUT and meta["model_config"]["depth"] == 2
     assert sorted(path.name for path in (root / "step_00000002" / "rng").iterdir()) == [f"rank_{r:05d}.pt" for r in range(4)]

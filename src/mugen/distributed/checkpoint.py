@@ -234,8 +234,9 @@ def _training_state_json(step: int, training_state: dict | None) -> str:
 class PendingSave:
     """A checkpoint being written; ``wait()`` completes it (rename + ``latest``) on every rank."""
 
-    def __init__(self, final_dir: Path, temp_dir: Path, future, meta: dict, group):
-        self.final_dir, self.temp_dir, self.future, self.meta, self.group = final_dir, temp_dir, future, meta, group
+    def __init__(self, final_dir: Path, temp_dir: Path, future, meta: dict, keep: int):
+        self.final_dir, self.temp_dir, self.future, self.meta, self.keep = final_dir, temp_dir, future, meta, keep
+        self.rng_state = capture_rng_state()  # as of the save call, not of its completion
         self.done = False
 
     def wait(self) -> Path:
@@ -243,14 +244,14 @@ class PendingSave:
             return self.final_dir
         if self.future is not None:
             self.future.result()
-        _finish(self.final_dir, self.temp_dir, self.meta)
+        _finish(self.final_dir, self.temp_dir, self.meta, self.rng_state, self.keep)
         self.done = True
         return self.final_dir
 
 
-def _finish(final_dir: Path, temp_dir: Path, meta: dict) -> None:
-    """All ranks have written: rank 0 renames the directory and points ``latest`` at it."""
-    torch.save(capture_rng_state(), temp_dir / RNG_DIR / f"rank_{dist.get_rank():05d}.pt")
+def _finish(final_dir: Path, temp_dir: Path, meta: dict, rng_state: dict, keep: int) -> None:
+    """All ranks have written: rank 0 renames the directory, points ``latest`` at it, prunes old ones."""
+    torch.save(rng_state, temp_dir / RNG_DIR / f"rank_{dist.get_rank():05d}.pt")
     dist.barrier()
     if dist.get_rank() == 0:
         (temp_dir / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
@@ -263,6 +264,11 @@ def _finish(final_dir: Path, temp_dir: Path, meta: dict) -> None:
         else:
             os.rename(temp_dir, final_dir)
         write_text_atomically(final_dir.parent / LATEST_FILE, final_dir.name + "\n", durable=True)
+        if keep > 0:
+            steps = sorted(path for path in final_dir.parent.glob("step_*") if (path / DCP_METADATA_FILE).is_file())
+            for old in steps[:-keep]:
+                if old != final_dir:
+                    shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
 
 
@@ -271,16 +277,24 @@ class DistributedCheckpointer:
 
     ``async_save``: write in a background thread (``dcp.async_save``) when this torch has it;
     otherwise (or with False) ``save`` blocks. Only one save is in flight: a new save first
-    completes the previous one.
+    completes the previous one. ``keep_checkpoints`` > 0 keeps that many newest step directories.
     """
 
-    def __init__(self, output_dir: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                 async_save: bool = False, layout: dict | None = None):
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        async_save: bool = False,
+        layout: dict | None = None,
+        keep_checkpoints: int = 0,
+    ):
         if not dist.is_initialized():
             raise MugenError("DistributedCheckpointer needs torch.distributed initialised (torchrun + build_mesh)")
         self.root = checkpoints_dir(output_dir)
         self.model, self.optimizer = model, optimizer
         self.layout = layout or {}
+        self.keep_checkpoints = keep_checkpoints
         self.async_save = async_save and hasattr(dcp, "async_save")
         if async_save and not self.async_save:
             logger.warning("this torch has no dcp.async_save; checkpoints are written synchronously")
@@ -316,10 +330,10 @@ class DistributedCheckpointer:
             future = dcp.async_save(
                 view, checkpoint_id=str(temp_dir), process_group=self._save_group, async_stager=_CopyToCPU()
             )
-            self.pending = PendingSave(final_dir, temp_dir, future, meta, self._save_group)
+            self.pending = PendingSave(final_dir, temp_dir, future, meta, self.keep_checkpoints)
             return self.pending
         dcp.save(view, checkpoint_id=str(temp_dir))
-        pending = PendingSave(final_dir, temp_dir, None, meta, None)
+        pending = PendingSave(final_dir, temp_dir, None, meta, self.keep_checkpoints)
         pending.wait()
         return pending
 

@@ -8,9 +8,14 @@ Typical use, one process per GPU under ``torchrun``::
 
     config = ParallelConfig(dp_shard=8, tp=2)
     mesh = build_mesh(config)                          # 16 ranks
-    model = parallelize_dit(MUGDiT(dit_config("10B")), mesh, config)
+    with torch.device("meta"):
+        model = MUGDiT(dit_config("10B"))
+    model = parallelize_dit(model, mesh, config)
+    initialize_from_single_device(model, lambda: MUGDiT(dit_config("10B")), "cuda")  # distributed/checkpoint.py
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     loss.backward(); clip_grad_norm_(model.parameters(), 1.0); optimizer.step()
+
+(``clip_grad_norm_`` here, not torch's: gradients are DTensors on several meshes.)
 
 Every rank of one ``tp`` (or ``cp``) group must see the same batch, flow times and noise; ranks of
 different data-parallel groups see different samples (``data_parallel_rank``).
@@ -33,7 +38,7 @@ from mugen.errors import MugenError
 
 
 def parallelize_dit(model: nn.Module, mesh: DeviceMesh, config: ParallelConfig) -> nn.Module:
-    """Apply ``config`` to ``model`` (a MUGDiT, same initial weights on every rank) in place; returns it.
+    """Apply ``config`` to ``model`` (a MUGDiT with the same weights on every rank, or on the meta device) in place.
 
     With ``pp`` > 1 returns the pipeline wrapper of ``distributed/pipeline.py`` instead (alone:
     pipeline stages are not combined with the other axes here yet).

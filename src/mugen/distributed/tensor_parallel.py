@@ -165,22 +165,20 @@ def block_tensor_parallel_plan() -> dict:
 
     Activations arrive as this rank's token slice (B, (N + 2) / tp, d), described as ``Shard(1)``;
     each sub-layer gathers them to the whole sequence and its row-wise output is reduce-scattered
-    back to ``Shard(1)``.
+    back to ``Shard(1)``. The gathered input enters the sub-layer as a DTensor, so in backward its
+    partial gradients (each rank's heads) are reduce-scattered straight back to token slices.
     """
-    gather_sequence = dict(desired_input_layouts=(Replicate(),), use_local_output=True)
     return {
         # SelfAttention.forward(x, rope): rope is whole already.
-        "attn": PrepareModuleInput(input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None), use_local_output=True),
+        "attn": PrepareModuleInput(input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)),
         "attn.qkv": ColwiseParallel(),
         "attn.proj": RowwiseParallel(output_layouts=Shard(1)),
         # CrossAttention.forward(x, text, text_attn_mask): the text is replicated.
-        "cross_attn": PrepareModuleInput(
-            input_layouts=(Shard(1), None, None), desired_input_layouts=(Replicate(), None, None), use_local_output=True
-        ),
+        "cross_attn": PrepareModuleInput(input_layouts=(Shard(1), None, None), desired_input_layouts=(Replicate(), None, None)),
         "cross_attn.q_linear": ColwiseParallel(),
         "cross_attn.kv_linear": ColwiseParallel(),
         "cross_attn.proj": RowwiseParallel(output_layouts=Shard(1)),
-        "mlp": PrepareModuleInput(input_layouts=(Shard(1),), **gather_sequence),
+        "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
         "mlp.fc1": ColwiseParallel(),
         "mlp.fc2": RowwiseParallel(output_layouts=Shard(1)),
     }
@@ -281,9 +279,11 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
     hidden = int(model.config.hidden_size * model.config.mlp_ratio)
     if hidden % tp:
         raise MugenError(f"tensor parallel: MLP width {hidden} does not split over tp={tp}; choose tp dividing {hidden}")
+    if getattr(model, FUSED_ROWS_ATTRIBUTE, None):
+        raise MugenError("tensor parallel: this model is already tensor-parallel; apply it once, to a fresh model")
     blocks = list(model.blocks)
     hooks = _SequenceParallelHooks(tp_mesh)
-    fused_rows = dict(getattr(model, FUSED_ROWS_ATTRIBUTE, {}))
+    fused_rows = {}
     plan = block_tensor_parallel_plan()
     for index, block in enumerate(blocks):
         prefix = f"blocks.{index}."
