@@ -1,8 +1,8 @@
 """Online EMA under FSDP2 (seed §4.2.3): sharded like the parameters, updated locally, saved and restored by DCP.
 
 2 gloo processes, dp_shard=2, fp32: after 3 AdamW steps the gathered EMA equals the EMA of the
-single-process run (fp32 tolerance), a save/restore round trip into a fresh model is exact, and the
-exported EMA file equals the single-process EMA.
+single-process run (fp32 tolerance), a save/restore round trip into a fresh model is exact (also
+into a tp=2 model), and the exported EMA file equals the single-process EMA.
 """
 
 from __future__ import annotations
@@ -64,7 +64,14 @@ def fsdp_ema_round_trip(rank, world_size, output_dir):
     before = gathered_ema_state_dict(fresh_ema, fresh)
     restored_state = EMACheckpointer(output_dir, fresh, fresh_optimizer, ema=fresh_ema).load()
     restored = gathered_ema_state_dict(fresh_ema, fresh)
+
+    tp_config = ParallelConfig(param_dtype="fp32", tp=2)  # another layout: fused [q|k|v] rows head-aligned
+    tp_model = parallelize_dit(MUGDiT(tiny_dit_config()), build_mesh(tp_config, device_type="cpu"), tp_config)
+    tp_ema = EMA(tp_model, decay=0.5)
+    EMACheckpointer(output_dir, tp_model, ema=tp_ema).load()
+    on_tp = gathered_ema_state_dict(tp_ema, tp_model)
     return {
+        "restored_on_tp_exact": all(torch.equal(on_tp[n], gathered[n]) for n in gathered),
         "sharded": sharded,
         "gathered": gathered,
         "changed_by_load": any(not torch.equal(before[n], restored[n]) for n in restored),
@@ -83,7 +90,7 @@ def test_fsdp_ema_matches_single_process_and_round_trips(tmp_path):
         torch.testing.assert_close(tensor, reference[name], atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
     start = tiny_dit().state_dict()
     assert max(float((reference[n] - start[n]).abs().max()) for n in reference) > 1e-4  # the EMA moved
-    assert result["changed_by_load"] and result["restored_exact"]
+    assert result["changed_by_load"] and result["restored_exact"] and result["restored_on_tp_exact"]
     assert result["restored_scalars"] == (DECAY, True, STEPS)
     assert result["restored_state"] == {"step": STEPS, "data_position": STEPS}
     exported = load_file(str(tmp_path / "ema.safetensors"))

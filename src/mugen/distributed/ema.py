@@ -64,10 +64,15 @@ def ema_checkpoint_view(ema: EMA, model: nn.Module) -> dict:
 
 
 class EMACheckpointer(DistributedCheckpointer):
-    """``DistributedCheckpointer`` that also saves and restores a (sharded) EMA in the same checkpoint."""
+    """``DistributedCheckpointer`` that also saves and restores a (sharded) EMA in the same checkpoint.
 
-    def __init__(self, output_dir, model: nn.Module, optimizer=None, ema: EMA | None = None, async_save: bool = False, layout: dict | None = None):
-        super().__init__(output_dir, model, optimizer, async_save=async_save, layout=layout)
+    ``save`` and ``load`` follow the parent's step by step, with the EMA's shards added to the DCP
+    state (the parent has no hook for extra tensors; keep the two in step when either changes).
+    """
+
+    def __init__(self, output_dir, model: nn.Module, optimizer=None, ema: EMA | None = None, async_save: bool = False,
+                 layout: dict | None = None, keep_checkpoints: int = 0):
+        super().__init__(output_dir, model, optimizer, async_save=async_save, layout=layout, keep_checkpoints=keep_checkpoints)
         if ema is None:
             raise MugenError("EMACheckpointer: pass ema=EMA(model, ...) built after parallelize_dit; use DistributedCheckpointer without one")
         self.ema = ema
@@ -105,10 +110,10 @@ class EMACheckpointer(DistributedCheckpointer):
         }
         if self.async_save:
             future = dcp.async_save(view, checkpoint_id=str(temp_dir), process_group=self._save_group, async_stager=_CopyToCPU())
-            self.pending = PendingSave(final_dir, temp_dir, future, meta, self._save_group)
+            self.pending = PendingSave(final_dir, temp_dir, future, meta, self.keep_checkpoints)
             return self.pending
         dcp.save(view, checkpoint_id=str(temp_dir))
-        pending = PendingSave(final_dir, temp_dir, None, meta, None)
+        pending = PendingSave(final_dir, temp_dir, None, meta, self.keep_checkpoints)
         pending.wait()
         return pending
 

@@ -39,8 +39,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, parallelize_module
 
 from mugen.distributed.activation import apply_activation_checkpointing, compile_blocks
 from mugen.distributed.fsdp import apply_fsdp
@@ -105,6 +105,12 @@ def _shard_adapters(model: nn.Module, layers: dict[str, LoRALinear], tp_mesh: De
                 with torch.no_grad():
                     layer.lora_up.weight.copy_(layer.lora_up.weight[index])
                 fused_rows[f"{name}.lora_up.weight"] = layout
+            # The gathered input arrives as a replicated DTensor; the replicated lora_down works on its
+            # local copy (its gradient there is whole: lora_up's column-wise style all-reduces it).
+            parallelize_module(
+                layer.lora_down, tp_mesh,
+                PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Replicate(),), use_local_output=True),
+            )
             parallelize_module(layer.lora_up, tp_mesh, ColwiseParallel())  # input: the replicated rank-r features
         elif suffix in ROW_WISE:
             # Partial rank-r sums reduce-scattered to this rank's token slice, like the base's output.
