@@ -126,6 +126,7 @@ def test_cli_runs_a_curriculum_config_and_the_shipped_example_parses(manifests, 
     record = json.loads((tmp_path / "run" / "model_config.json").read_text())
     assert [s["name"] for s in record["curriculum"]["stages"]] == ["images_and_videos", "videos_masked"]
     assert json.loads((tmp_path / "run" / "curriculum.json").read_text())["schedule"]["total_steps"] == 5
+    assert (tmp_path / "run" / "curriculum.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     shipped = Path(__file__).resolve().parents[2] / "configs" / "curriculum_example.json"
     parsed = CurriculumRunConfig.from_dict(load_run_config(shipped)["curriculum"])

@@ -132,3 +132,11 @@ def test_posthoc_power_combines_the_stored_power_emas(manifest, tmp_path, capsys
     load_dit(out)
     assert main(["posthoc-ema", "--run", str(run), "--method", "power", "--output", str(tmp_path / "x")]) == 2
     assert "--sigma-rel" in capsys.readouterr().err
+
+
+def test_generate_use_ema_without_an_exported_ema_is_named(manifest, tmp_path, capsys):
+    run = tmp_path / "run"
+    train_dit(spec(manifest, run, snapshot_every=0, ema_decay=None))
+    code = main(["generate", "--checkpoint", str(run), "--use-ema", "--prompt", "a ball", "--output", str(tmp_path / "v.mp4"), "--device", "cpu"])
+    assert code == 2 and "--ema-decay" in capsys.readouterr().err
+    assert not (tmp_path / "v.mp4").exists()

@@ -52,6 +52,7 @@ from mugen.train.trainer import LossOutput
 log = logging.getLogger(__name__)
 
 CURRICULUM_LOG_FILE = "curriculum.json"
+CURRICULUM_PLOT_FILE = "curriculum.png"
 
 
 @dataclass
@@ -402,5 +403,41 @@ def train_dit_curriculum(spec, curriculum: dict | CurriculumRunConfig, resume: b
     averages.attach(trainer.model)
     history = trainer.fit()
     progress.write_log()
+    write_curriculum_png(history, progress.validation_log, [stage.name for stage in run.curriculum.stages], Path(spec.output_dir) / CURRICULUM_PLOT_FILE)
     averages.export_ema()
     return history
+
+
+def write_curriculum_png(history: list[dict], validation_log: list[dict], stage_names: list[str], path: Path) -> Path:
+    """Training and validation loss over steps, with the image ratio and the stage boundaries (atomic)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from mugen.atomic import write_atomically
+
+    figure = Figure(figsize=(8, 5), dpi=100)
+    FigureCanvasAgg(figure)
+    losses, schedule = figure.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+    steps = [record["step"] for record in history if not record.get("skipped")]
+    losses.plot(steps, [record["loss"] for record in history if not record.get("skipped")], color="tab:blue", alpha=0.4, linewidth=0.8, label="training loss")
+    if validation_log:
+        losses.plot([v["step"] for v in validation_log], [v["validation_loss"] for v in validation_log], "o-", color="tab:red", label="validation loss")
+    losses.set_ylabel("loss")
+    losses.legend(loc="upper right")
+    schedule.plot([r["step"] for r in history], [r.get("image_ratio", 0.0) for r in history], color="tab:green", label="image ratio")
+    schedule.plot([r["step"] for r in history], [r.get("first_frame_cond_prob", 0.0) for r in history], color="tab:purple", label="first-frame masking")
+    schedule.set_ylim(-0.05, 1.05)
+    schedule.set_xlabel("optimizer step")
+    schedule.legend(loc="upper right")
+    previous = None
+    for record in history:  # a vertical line where each stage starts
+        stage = int(record.get("curriculum_stage", 0))
+        if stage != previous:
+            for axes in (losses, schedule):
+                axes.axvline(record["step"], color="gray", linestyle=":", linewidth=1)
+            losses.text(record["step"], 1.0, f" {stage_names[stage]}", transform=losses.get_xaxis_transform(), fontsize=8, va="top")
+            previous = stage
+    for axes in (losses, schedule):
+        axes.grid(True, alpha=0.3)
+    figure.tight_layout()
+    return write_atomically(path, lambda temporary: figure.savefig(temporary, format="png"))
