@@ -140,3 +140,12 @@ def test_generate_use_ema_without_an_exported_ema_is_named(manifest, tmp_path, c
     code = main(["generate", "--checkpoint", str(run), "--use-ema", "--prompt", "a ball", "--output", str(tmp_path / "v.mp4"), "--device", "cpu"])
     assert code == 2 and "--ema-decay" in capsys.readouterr().err
     assert not (tmp_path / "v.mp4").exists()
+
+
+def test_train_dit_flags_write_ema_and_power_snapshots(manifest, tmp_path):
+    out = tmp_path / "cli"
+    args = ["train", "dit", "--manifest", str(manifest), "--steps", "2", "--batch-size", "2", "--output", str(out), "--device", "cpu"]
+    assert main(args + ["--ema-decay", "0.9", "--snapshot-every", "1", "--power-ema-sigma-rel", "0.07"]) == 0
+    assert sorted(p.name for p in (out / "snapshots" / "step_00000002").iterdir()) == ["model.safetensors", "power_ema_0.0700.safetensors"]
+    assert json.loads((out / "ema" / "model_config.json").read_text())["ema"] == {"decay": 0.9, "updates": 2}
+    assert main(["posthoc-ema", "--run", str(out), "--method", "power", "--sigma-rel", "0.05", "--output", str(tmp_path / "p")]) == 0
