@@ -149,3 +149,19 @@ def test_train_dit_flags_write_ema_and_power_snapshots(manifest, tmp_path):
     assert sorted(p.name for p in (out / "snapshots" / "step_00000002").iterdir()) == ["model.safetensors", "power_ema_0.0700.safetensors"]
     assert json.loads((out / "ema" / "model_config.json").read_text())["ema"] == {"decay": 0.9, "updates": 2}
     assert main(["posthoc-ema", "--run", str(out), "--method", "power", "--sigma-rel", "0.05", "--output", str(tmp_path / "p")]) == 0
+
+
+def test_shipped_annealed_sft_config_sets_the_averaging(manifest, tmp_path):
+    from pathlib import Path
+
+    shipped = json.loads((Path(__file__).resolve().parents[2] / "configs" / "sft_posthoc_ema.json").read_text())
+    shipped["train"].update(steps=2, checkpoint_every=0)
+    shipped["averaging"]["snapshot_every"] = 2
+    config = tmp_path / "sft.json"
+    config.write_text(json.dumps(shipped))
+    out = tmp_path / "sft"
+    assert main(["train", "dit", "--manifest", str(manifest), "--config", str(config), "--output", str(out), "--device", "cpu"]) == 0
+    assert json.loads((out / "ema" / "model_config.json").read_text())["ema"]["decay"] == 0.999
+    assert sorted(p.name for p in (out / "snapshots" / "step_00000002").iterdir()) == [
+        "model.safetensors", "power_ema_0.0500.safetensors", "power_ema_0.1000.safetensors"
+    ]

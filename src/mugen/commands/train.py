@@ -122,6 +122,7 @@ def run_dit(args) -> int:
         from mugen.errors import MugenError
 
         raise MugenError("give --manifest (from `mugen encode`), or a --config whose 'curriculum' section names the manifests")
+    averaging = record.get("averaging", {})
     spec = DiTRunSpec(
         manifest=args.manifest,
         output_dir=args.output,
@@ -135,9 +136,9 @@ def run_dit(args) -> int:
         vae_dir=args.vae,
         text_encoder=args.text_encoder,
         init_from=args.init_from,
-        ema_decay=args.ema_decay,
-        snapshot_every=args.snapshot_every or 0,
-        power_ema_sigma_rels=tuple(args.power_ema_sigma_rel or (0.05, 0.10)),
+        ema_decay=args.ema_decay if args.ema_decay is not None else averaging.get("ema_decay"),
+        snapshot_every=args.snapshot_every if args.snapshot_every is not None else averaging.get("snapshot_every", 0),
+        power_ema_sigma_rels=tuple(args.power_ema_sigma_rel or averaging.get("power_ema_sigma_rels", (0.05, 0.10))),
     )
     if "curriculum" in record:
         from mugen.train.curriculum_run import train_dit_curriculum

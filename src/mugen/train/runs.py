@@ -37,7 +37,8 @@ def dataclass_from_dict(cls, values: dict | None, what: str):
 
 
 def load_run_config(path: str | os.PathLike | None) -> dict:
-    """A JSON file with optional sections "train", "task", "model", "data", "curriculum" (see curriculum_run.py)."""
+    """A JSON file with optional sections "train", "task", "model", "data", "curriculum" (see curriculum_run.py)
+    and "averaging" (``ema_decay``, ``snapshot_every``, ``power_ema_sigma_rels``: see ``DiTRunSpec``)."""
     if path is None:
         return {}
     path = Path(path)
@@ -47,9 +48,12 @@ def load_run_config(path: str | os.PathLike | None) -> dict:
         record = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise MugenError(f"config {path} is not valid JSON ({error})") from error
-    unknown = sorted(set(record) - {"train", "task", "model", "data", "curriculum"})
+    unknown = sorted(set(record) - {"train", "task", "model", "data", "curriculum", "averaging"})
     if unknown:
-        raise MugenError(f"config {path}: unknown sections {unknown}; use train, task, model, data, curriculum")
+        raise MugenError(f"config {path}: unknown sections {unknown}; use train, task, model, data, curriculum, averaging")
+    averaging_keys = sorted(set(record.get("averaging", {})) - {"ema_decay", "snapshot_every", "power_ema_sigma_rels"})
+    if averaging_keys:
+        raise MugenError(f"config {path}: unknown keys {averaging_keys} in section 'averaging'; use ema_decay, snapshot_every, power_ema_sigma_rels")
     return record
 
 
