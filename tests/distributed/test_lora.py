@@ -1,4 +1,4 @@
-"""LoRA fine-tuning under FSDP2 and under tensor parallel (issue 6 item 5), 2 gloo processes.
+"""LoRA fine-tuning under FSDP2, under tensor parallel (issue 6 item 5), 2 gloo processes, and under both (4).
 
 Three AdamW steps on the adapters of a tiny MUG-DiT with dp_shard=2 and with tp=2 must match the
 single-process run (losses, adapter gradients, adapter weights) within fp32 tolerance; the base
@@ -118,3 +118,33 @@ def test_lora_under_fsdp_and_tp_matches_single_process_and_merges():
         merged = batch_loss(model, batch, 0, GLOBAL_BATCH)
     torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-7)
     assert abs(float(unmerged) - reference["losses"][0]) > 1e-6  # trained adapters change the output
+
+
+def fsdp_by_tp_lora_run(rank, world_size):
+    config = ParallelConfig(param_dtype="fp32", dp_shard=2, tp=2)
+    mesh = build_mesh(config, device_type="cpu")
+    model = parallelize_lora_dit(tiny_lora_dit(), mesh, config)
+    parameters = dict(model.named_parameters())
+    optimizer = torch.optim.AdamW([parameters[n] for n in adapter_names(model)], lr=LORA_LR)
+    dp_index, dp_count = data_parallel_rank(mesh)
+    share = GLOBAL_BATCH // dp_count
+    losses = []
+    for step in range(STEPS):
+        optimizer.zero_grad()
+        loss = batch_loss(model, step_batch(step), dp_index * share, (dp_index + 1) * share)
+        loss.backward()
+        optimizer.step()
+        total = loss.detach().clone()
+        torch.distributed.all_reduce(total)  # every tp rank holds its dp group's loss
+        losses.append(float(total) / world_size)
+    adapters = gathered_lora_state_dict(model)  # a collective: every rank calls it
+    return {"losses": losses, "adapters": adapters} if rank == 0 else None
+
+
+def test_lora_under_fsdp_by_tp_matches_single_process():
+    """The 2D layout (dp_shard=2 x tp=2, 4 processes): FSDP2 shards the tensor-parallel adapters too."""
+    reference = single_process_run()
+    result = run_distributed(fsdp_by_tp_lora_run, 4)[0]
+    torch.testing.assert_close(result["losses"], reference["losses"], rtol=LOSS_RTOL, atol=0)
+    for name, tensor in result["adapters"].items():
+        torch.testing.assert_close(tensor, reference["adapters"][name], atol=WEIGHT_ATOL, rtol=1e-4, msg=lambda m: f"{name}: {m}")
