@@ -76,9 +76,8 @@ class CurriculumRunConfig:
             raise MugenError(f"config section 'curriculum': unknown keys {unknown}; known keys are {sorted(known)}")
         values = {key: record[key] for key in known - {"stages"} if key in record}
         config = cls(curriculum=CurriculumConfig.from_dict({"stages": record.get("stages")}), **values)
-        for key in ("validation_every",):
-            if not isinstance(getattr(config, key), int) or getattr(config, key) < 0:
-                raise MugenError(f"curriculum: {key}={getattr(config, key)!r} must be a whole number >= 0 (0 = no validation)")
+        if not isinstance(config.validation_every, int) or config.validation_every < 0:
+            raise MugenError(f"curriculum: validation_every={config.validation_every!r} must be a whole number >= 0 (0 = no validation)")
         for key in ("validation_samples", "validation_levels", "batches_per_epoch"):
             if not isinstance(getattr(config, key), int) or getattr(config, key) < 1:
                 raise MugenError(f"curriculum: {key}={getattr(config, key)!r} must be a whole number >= 1")
