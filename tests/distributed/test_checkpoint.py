@@ -15,6 +15,7 @@ import torch
 from launcher import run_distributed
 from parallel_training import GLOBAL_BATCH, LEARNING_RATE, batch_loss, full_value, step_batch, tiny_dit, tiny_dit_config
 
+from mugen.cli import main
 from mugen.distributed.checkpoint import (
     DistributedCheckpointer,
     export_checkpoint,
@@ -56,6 +57,7 @@ def train_steps(rank, world_size, layout, output_dir, first_step, last_step, res
     model = parallelize_dit(tiny_dit(), mesh, config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.01)
     checkpointer = DistributedCheckpointer(output_dir, model, optimizer, async_save=async_save, layout=layout, keep_checkpoints=1)
+    assert checkpointer.async_save == async_save  # this torch writes in the background
     restored = checkpointer.load() if resume else None
     dp_index, dp_count = data_parallel_rank(mesh)
     share = GLOBAL_BATCH // dp_count
@@ -153,6 +155,14 @@ def test_single_device_initialisation_is_broadcast_into_the_shards():
     weights = run_distributed(_load_official_file, 4, args=("", True))[0]
     for name, weight in weights.items():
         assert torch.equal(weight, expected[name]), name
+
+
+def test_mugen_convert_reads_distributed_checkpoints(saved_run, reference, tmp_path):
+    step_dir = saved_run["output_dir"] / "checkpoints" / "step_00000002"
+    output = tmp_path / "dit.safetensors"
+    assert main(["convert", "--checkpoint", str(step_dir), "--to", "safetensors", "--output", str(output)]) == 0
+    exported = read_official_state_dict(output)
+    torch.testing.assert_close(exported["blocks.1.attn.qkv.weight"], reference["saved_weights"]["blocks.1.attn.qkv.weight"], atol=WEIGHT_ATOL, rtol=WEIGHT_RTOL)
 
 
 def test_export_refuses_a_directory_without_a_checkpoint(tmp_path):

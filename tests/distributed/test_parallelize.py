@@ -20,7 +20,6 @@ from __future__ import annotations
 import pytest
 import torch
 from launcher import run_distributed
-
 from parallel_training import GLOBAL_BATCH, LEARNING_RATE, STEP_SHAPES, batch_loss, full_value, step_batch, tiny_dit
 
 from mugen.distributed.mesh import ParallelConfig, build_mesh

@@ -18,7 +18,11 @@ DTYPES = ("same", "float32", "bfloat16")
 
 def register(commands) -> None:
     parser = commands.add_parser("convert", help="export a trained DiT as the official dit.pt or one .safetensors file")
-    parser.add_argument("--checkpoint", required=True, help="run folder of `mugen train dit` (or one of its step folders)")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="run folder of `mugen train dit` (or one of its step folders), or a step folder of a distributed checkpoint",
+    )
     parser.add_argument("--to", required=True, choices=sorted(FORMATS), help="official (dit.pt) or safetensors")
     parser.add_argument("--output", required=True, help="file to write: .pt for official, .safetensors for safetensors")
     parser.add_argument("--dtype", default="same", choices=DTYPES, help="cast floating-point weights (default: keep)")
@@ -37,8 +41,14 @@ def run(args) -> int:
         raise MugenError(f"--output {output} must end in {' or '.join(suffixes)} for --to {args.to}")
     if output.is_dir():
         raise MugenError(f"--output {output} is a folder; give a file name, e.g. {output / ('dit' + suffixes[0])}")
-    model, record = load_dit(args.checkpoint)
     dtype = None if args.dtype == "same" else getattr(torch, args.dtype)
+    if (Path(args.checkpoint) / ".metadata").is_file():  # a sharded checkpoint of parallel training
+        from mugen.distributed.checkpoint import export_checkpoint
+
+        path = export_checkpoint(args.checkpoint, output, dtype=dtype)
+        print(f"wrote {path} ({args.to}) from the distributed checkpoint {args.checkpoint}")
+        return 0
+    model, record = load_dit(args.checkpoint)
     export = export_official_checkpoint if args.to == "official" else export_safetensors
     path = export(model, output, dtype=dtype)
     print(

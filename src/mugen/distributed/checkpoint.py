@@ -30,6 +30,7 @@ on a single process (no process group needed).
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import logging
 import os
@@ -148,6 +149,8 @@ def _checkpoint_tensor(tensor: Tensor, layout: FusedRows | None) -> Tensor | Non
     sizes, offsets = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
     if local.numel() == 0:
         return None
+    if tuple(sizes) == tuple(tensor.shape) and layout is None:
+        return local  # one rank holds all of it (a mesh of one): a plain tensor
     if layout is None:
         return _sharded_tensor([(local, list(offsets))], tensor.shape)
     if any(offsets[1:]) or tuple(sizes[1:]) != tuple(tensor.shape[1:]):
@@ -295,9 +298,11 @@ class DistributedCheckpointer:
         self.model, self.optimizer = model, optimizer
         self.layout = layout or {}
         self.keep_checkpoints = keep_checkpoints
-        self.async_save = async_save and hasattr(dcp, "async_save")
+        # Staging goes through our own stager (DCP's default one cannot copy ShardedTensors).
+        can_async = hasattr(dcp, "async_save") and "async_stager" in inspect.signature(dcp.async_save).parameters
+        self.async_save = async_save and can_async
         if async_save and not self.async_save:
-            logger.warning("this torch has no dcp.async_save; checkpoints are written synchronously")
+            logger.warning("this torch's dcp.async_save takes no stager; checkpoints are written synchronously")
         # Background saves talk on their own group, so they never interleave with training collectives.
         self._save_group = dist.new_group(backend="gloo") if self.async_save else None
         self.pending: PendingSave | None = None

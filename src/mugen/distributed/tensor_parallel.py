@@ -27,9 +27,14 @@ store and load the canonical [q | k | v] order whatever the TP degree.
 
 Parameters that stay replicated inside a block but only see a rank's share of the work (the adaLN
 table, the cross-attention LayerNorm, the QK-norm gains) get a gradient hook that sums their
-gradient over the ``tp`` group; so do the replicated adaLN signals entering each block. Everything outside the blocks (embedders, final layer) runs
-replicated on the whole sequence: the sequence is split before the first block and gathered after
-the last one.
+gradient over the ``tp`` group; so do the replicated adaLN signals entering each block.
+Everything outside the blocks (embedders, final layer) runs replicated on the whole sequence: the
+sequence is split before the first block and gathered after the last one.
+
+Communication per block and step: 3 all-gathers (self-attention, cross-attention, MLP inputs) and
+3 reduce-scatters forward, the mirror image backward, plus small all-reduces of the adaLN signal
+and replicated-parameter gradients. Sub-layer inputs and outputs are plain local tensors (lazy
+collective results are materialised), so fused kernels inside the block see ordinary tensors.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (
@@ -178,10 +184,31 @@ def block_tensor_parallel_plan() -> dict:
         "cross_attn.q_linear": ColwiseParallel(),
         "cross_attn.kv_linear": ColwiseParallel(),
         "cross_attn.proj": RowwiseParallel(output_layouts=Shard(1)),
-        "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-        "mlp.fc1": ColwiseParallel(),
+        # fc1 gathers its own input: fused block variants call mlp.fc1 directly, not mlp.
+        "mlp.fc1": ColwiseParallel(input_layouts=Shard(1)),
         "mlp.fc2": RowwiseParallel(output_layouts=Shard(1)),
     }
+
+
+class _Materialize(torch.autograd.Function):
+    """Identity that unwraps ``AsyncCollectiveTensor`` (the lazy result of a DTensor collective) in
+    both directions, without a copy: fused Triton kernels need tensors with a real storage."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.wait() if isinstance(x, AsyncCollectiveTensor) else x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.wait() if isinstance(grad, AsyncCollectiveTensor) else grad
+
+
+def _materialize_output(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+    return _Materialize.apply(output)  # row-wise outputs: reduce-scattered token slices
+
+
+def _materialize_input_gradient(module: nn.Module, args: tuple) -> tuple:
+    return (_Materialize.apply(args[0]), *args[1:])  # gradient of the slice a sub-layer gathers
 
 
 def _permute_fused_rows(linear: nn.Linear, layout: FusedRows) -> None:
@@ -293,6 +320,10 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
             fused_rows[prefix + name + ".weight"] = layout
             fused_rows[prefix + name + ".bias"] = layout
         parallelize_module(block, tp_mesh, plan)
+        for name in ("attn.proj", "cross_attn.proj", "mlp.fc2"):
+            block.get_submodule(name).register_forward_hook(_materialize_output)
+        for name in ("attn", "cross_attn", "mlp.fc1"):  # before their own input hooks gather the slice
+            block.get_submodule(name).register_forward_pre_hook(_materialize_input_gradient, prepend=True)
         block.attn.num_heads = num_heads // tp  # local heads; head_dim unchanged
         block.attn.attention_op = _AttendToRealTokens(block.attn.attention_op, hooks)
         block.cross_attn.num_heads = num_heads // tp
