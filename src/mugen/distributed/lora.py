@@ -17,10 +17,12 @@ Tensor parallel (``tp`` > 1). The base layers are sharded by ``tensor_parallel.p
 adapters follow the layer they sit on so that no extra communication is needed in forward:
 
 * column-wise layers (``attn.qkv``, ``cross_attn.q_linear``, ``cross_attn.kv_linear``,
-  ``mlp.fc1``; output features split): ``lora_down`` (r, in) replicated, applied to the gathered
-  sequence; ``lora_up`` (out, r) column-wise (rows split like the base's, fused [q|k|v] rows in the
-  same head-aligned order). Its input gradient is all-reduced by the column-wise style, so the
-  replicated ``lora_down`` gets the whole gradient on every rank.
+  ``mlp.fc1``; output features split): ``lora_down`` (r, in) replicated; ``lora_up`` (out, r)
+  column-wise (rows split like the base's, fused [q|k|v] rows in the same head-aligned order).
+  Where the base receives the gathered sequence, ``lora_down`` runs on it and lora_up's
+  column-wise style all-reduces its input gradient, so ``lora_down``'s gradient is whole; where
+  the base receives the token slice and gathers it itself (``mlp.fc1``), ``lora_down`` runs on
+  the slice (gradient summed over tp) and ``lora_up`` gathers the rank-r features.
 * row-wise layers (``attn.proj``, ``cross_attn.proj``, ``mlp.fc2``; input features split):
   ``lora_down`` row-wise (its input features split like the base's; the rank-r partial sums are
   reduce-scattered to the rank's token slice, as the base output is), ``lora_up`` replicated and
@@ -46,7 +48,13 @@ from mugen.distributed.activation import apply_activation_checkpointing, compile
 from mugen.distributed.fsdp import apply_fsdp
 from mugen.distributed.mesh import MESH_AXES, ParallelConfig, axis_size, data_parallel_mesh
 from mugen.distributed.parallelize import parallelize_dit
-from mugen.distributed.tensor_parallel import FUSED_ROWS_ATTRIBUTE, FusedRows, apply_tensor_parallel, canonical_rows
+from mugen.distributed.tensor_parallel import (
+    FUSED_ROWS_ATTRIBUTE,
+    FusedRows,
+    apply_tensor_parallel,
+    block_tensor_parallel_plan,
+    canonical_rows,
+)
 from mugen.errors import MugenError
 from mugen.models.lora import LoRALinear, lora_layers, replace_submodule
 
@@ -64,7 +72,7 @@ def _block_suffix(name: str) -> str | None:
 
 
 class _SumOverTensorParallel:
-    """Forward pre-hook of a replicated ``lora_up`` that sees only this rank's tokens: sum its gradient over tp.
+    """Forward pre-hook of a replicated adapter that sees only this rank's tokens: sum its gradient over tp.
 
     Registered on whatever parameter the module holds at forward time (FSDP2 swaps in unsharded
     parameters), once per parameter object.
@@ -90,6 +98,7 @@ class _SumOverTensorParallel:
 def _shard_adapters(model: nn.Module, layers: dict[str, LoRALinear], tp_mesh: DeviceMesh) -> None:
     """Shard each adapter the way its (already tensor-parallel) base layer is sharded; record fused rows."""
     tp = tp_mesh.size()
+    plan = block_tensor_parallel_plan()
     fused_rows = dict(getattr(model, FUSED_ROWS_ATTRIBUTE, {}))
     sum_hook = _SumOverTensorParallel(tp_mesh.get_group())
     for name, layer in layers.items():
@@ -105,13 +114,22 @@ def _shard_adapters(model: nn.Module, layers: dict[str, LoRALinear], tp_mesh: De
                 with torch.no_grad():
                     layer.lora_up.weight.copy_(layer.lora_up.weight[index])
                 fused_rows[f"{name}.lora_up.weight"] = layout
-            # The gathered input arrives as a replicated DTensor; the replicated lora_down works on its
-            # local copy (its gradient there is whole: lora_up's column-wise style all-reduces it).
-            parallelize_module(
-                layer.lora_down, tp_mesh,
-                PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Replicate(),), use_local_output=True),
-            )
-            parallelize_module(layer.lora_up, tp_mesh, ColwiseParallel())  # input: the replicated rank-r features
+            # The layout the base layer's plan expects its input in: the gathered sequence
+            # (Replicate) or this rank's token slice (Shard(1)), which the base gathers itself.
+            base_input = plan[suffix].input_layouts[0]
+            if base_input == Replicate():
+                # A replicated DTensor arrives; lora_down works on its local copy. Its gradient
+                # there is whole: lora_up's column-wise style all-reduces its input gradient.
+                parallelize_module(
+                    layer.lora_down, tp_mesh,
+                    PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Replicate(),), use_local_output=True),
+                )
+                parallelize_module(layer.lora_up, tp_mesh, ColwiseParallel())
+            else:
+                # The token slice arrives: lora_down runs on it (its gradient is partial: summed over
+                # tp), and lora_up gathers the rank-r features, r / d of what gathering x would cost.
+                layer.lora_down.register_forward_pre_hook(sum_hook)
+                parallelize_module(layer.lora_up, tp_mesh, ColwiseParallel(input_layouts=base_input))
         elif suffix in ROW_WISE:
             # Partial rank-r sums reduce-scattered to this rank's token slice, like the base's output.
             parallelize_module(layer.lora_down, tp_mesh, RowwiseParallel(output_layouts=Shard(1)))
