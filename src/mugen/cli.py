@@ -14,12 +14,12 @@ from mugen.errors import MugenError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mugen.commands import convert, curate, demo, encode, expand, generate, plan, strategy_demo, text_features, train
+    from mugen.commands import convert, curate, demo, encode, expand, generate, plan, posthoc_ema, strategy_demo, text_features, train
 
     parser = argparse.ArgumentParser(prog="mugen", description="Train and run MUG-V-style video generation models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (demo, strategy_demo, curate, encode, train, generate, convert, expand, text_features, plan):
+    for module in (demo, strategy_demo, curate, encode, train, generate, convert, expand, text_features, plan, posthoc_ema):
         module.register(commands)
     return parser
 

@@ -20,6 +20,7 @@ def register(commands) -> None:
     )
     parser.add_argument("--checkpoint", default=None, help="run folder of `mugen train dit` (or one of its step folders)")
     parser.add_argument("--weights", default=None, help=f"with --preset {RELEASE_PRESET}: folder with dit.pt, vae.pt and t5-v1_1-xxl/")
+    parser.add_argument("--use-ema", action="store_true", help="use the online EMA weights the run exported (CHECKPOINT/ema, `mugen train dit --ema-decay`)")
     parser.add_argument("--prompt", default=None, help="what the video shows (required unless --image is given)")
     parser.add_argument("--negative-prompt", default=None, help="what to steer away from (default: none; the release uses its own)")
     parser.add_argument("--image", default=None, help="first-frame image for image-to-video")
@@ -64,7 +65,14 @@ def run_checkpoint(args) -> int:
     from mugen.infer.pipeline import MugenVideoPipeline, save_generation
 
     device = resolve_device(args.device)
-    pipeline = MugenVideoPipeline.from_checkpoint(args.checkpoint, device=device, vae=args.vae, preset=args.preset)
+    checkpoint = args.checkpoint
+    if args.use_ema:
+        from pathlib import Path
+
+        checkpoint = Path(args.checkpoint) / "ema"
+        if not (checkpoint / "model.safetensors").is_file():
+            raise MugenError(f"--use-ema: {checkpoint} holds no EMA weights; train with `mugen train dit --ema-decay D`")
+    pipeline = MugenVideoPipeline.from_checkpoint(checkpoint, device=device, vae=args.vae, preset=args.preset)
     height, width = args.size or RUN_DEFAULTS["size"]
     seed = RUN_DEFAULTS["seed"] if args.seed is None else args.seed
     result = pipeline(

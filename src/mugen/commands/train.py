@@ -21,7 +21,7 @@ def register(commands) -> None:
     vae.set_defaults(handler=run_vae)
 
     dit = models.add_parser("dit", help="train MUG-DiT with rectified flow (seed §3.2, §4.2)")
-    dit.add_argument("--manifest", required=True, help="manifest.parquet (or official .csv) from `mugen encode`")
+    dit.add_argument("--manifest", default=None, help="manifest.parquet (or official .csv) from `mugen encode` (not used with a 'curriculum' config section, which names its manifests)")
     dit.add_argument("--preset", default="debug", help="DiT preset: debug, 1B, 2B, 4B, 10B, 18B")
     dit.add_argument("--vae", default=None, help="the VAE the latents came from: a mugen VAE folder or the released vae.pt (recorded for `mugen generate`)")
     dit.add_argument("--text-encoder", default="minilm", help="the text encoder that made the features (recorded for `mugen generate`)")
@@ -34,6 +34,9 @@ def register(commands) -> None:
     )
     dit.add_argument("--max-tokens", type=int, default=None, help="with --balanced: at most this many tokens per micro-batch (bounds memory)")
     dit.add_argument("--init-from", default=None, help="start from these weights with a fresh optimizer (e.g. a `mugen expand` output, seed §4.2.1)")
+    dit.add_argument("--ema-decay", type=float, default=None, help="keep an online EMA of the weights (e.g. 0.999); exported to OUTPUT/ema (`mugen generate --use-ema`)")
+    dit.add_argument("--snapshot-every", type=int, default=None, help="write snapshots/step_* every N steps, never pruned, for `mugen posthoc-ema` (seed §4.2.3)")
+    dit.add_argument("--power-ema-sigma-rel", type=float, action="append", default=None, help="widths of the power-function EMAs stored in each snapshot (repeatable; default 0.05 and 0.10)")
     _add_common(dit)
     dit.set_defaults(handler=run_dit)
 
@@ -126,6 +129,11 @@ def run_dit(args) -> int:
     from mugen.train.tasks import DiTTaskConfig
 
     record = load_run_config(args.config)
+    if args.manifest is None and "curriculum" not in record:
+        from mugen.errors import MugenError
+
+        raise MugenError("give --manifest (from `mugen encode`), or a --config whose 'curriculum' section names the manifests")
+    averaging = record.get("averaging", {})
     vae_path = None
     if args.vae is not None:  # checked now, not when `mugen generate` first needs it
         from mugen.models.vae.loading import resolve_vae_path
@@ -148,7 +156,16 @@ def run_dit(args) -> int:
         max_tokens=args.max_tokens or record.get("data", {}).get("max_tokens"),
         cost_coefficients=_cost_coefficients(record.get("data", {}).get("cost_coefficients")),
         init_from=args.init_from,
+        ema_decay=args.ema_decay if args.ema_decay is not None else averaging.get("ema_decay"),
+        snapshot_every=args.snapshot_every if args.snapshot_every is not None else averaging.get("snapshot_every", 0),
+        power_ema_sigma_rels=tuple(args.power_ema_sigma_rel or averaging.get("power_ema_sigma_rels", (0.05, 0.10))),
     )
+    if "curriculum" in record:
+        from mugen.train.curriculum_run import train_dit_curriculum
+
+        history = train_dit_curriculum(spec, record["curriculum"], resume=not args.no_resume)
+        print(f"trained {len(history)} curriculum steps; run folder {args.output}")
+        return 0
     history = train_dit(spec, resume=not args.no_resume)
     print(f"trained {len(history)} steps; run folder {args.output}")
     return 0

@@ -119,3 +119,75 @@ class EMA:
         self.decay = float(state["decay"])
         self.warmup = bool(state["warmup"])
         self.updates = int(state["updates"])
+
+
+class PowerFunctionEMA(EMA):
+    """EDM2's power-function EMA (Karras et al. 2024, eq. 2-3), tracked online for post-hoc EMA.
+
+    The ``t``-th update uses ``beta_t = (1 - 1/t)^(gamma + 1)``, so the average seen at step ``t``
+    weighs the weights of step ``tau`` by ``(tau^(gamma+1) - (tau-1)^(gamma+1)) / t^(gamma+1)``: its
+    width is a fixed fraction ``sigma_rel`` of the training length. Snapshots of two such EMAs
+    (EDM2 uses sigma_rel 0.05 and 0.10) let ``mugen posthoc-ema --method power`` rebuild an EMA of
+    any other width after training (``mugen.train.posthoc_ema.solve_posthoc_ema_weights``).
+    """
+
+    def __init__(self, model: nn.Module, sigma_rel: float):
+        from mugen.train.posthoc_ema import gamma_from_sigma_rel
+
+        super().__init__(model, decay=0.0, warmup=False)
+        self.sigma_rel = float(sigma_rel)
+        self.gamma = gamma_from_sigma_rel(self.sigma_rel)
+
+    def current_decay(self) -> float:
+        from mugen.train.posthoc_ema import power_function_beta
+
+        return power_function_beta(self.updates + 1, self.gamma)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "sigma_rel": self.sigma_rel, "gamma": self.gamma}
+
+    def load_state_dict(self, state: dict) -> None:
+        if abs(float(state.get("sigma_rel", -1.0)) - self.sigma_rel) > 1e-12:
+            raise MugenError(
+                f"PowerFunctionEMA.load_state_dict: the saved EMA has sigma_rel={state.get('sigma_rel')} but this one "
+                f"{self.sigma_rel}; resume with the same --power-ema-sigma-rel values"
+            )
+        super().load_state_dict(state)
+        self.gamma = float(state["gamma"])
+
+
+def power_ema_file_name(sigma_rel: float) -> str:
+    """File of a snapshot that holds the power-function EMA of width ``sigma_rel``."""
+    return f"power_ema_{sigma_rel:.4f}.safetensors"
+
+
+def save_averaged_weights(ema: EMA, model: nn.Module, path) -> None:
+    """Write the EMA's tensors as a model file that ``load_model_weights`` reads (atomically).
+
+    ``model`` (the one the EMA was built from) gives the names and the tied aliases of its state
+    dict; its own weights are not read. Sharded (DTensor) shadows are gathered first.
+    """
+    import json
+
+    from safetensors.torch import save_file
+
+    from mugen.atomic import write_atomically
+    from mugen.train.checkpoint import _ALIASES_KEY
+
+    shadow_name_of = {id(tensor): name for name, tensor in EMA._named_tensors(model).items()}
+    tensors: dict[str, Tensor] = {}
+    aliases: dict[str, str] = {}
+    stored_as: dict[str, str] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        source = shadow_name_of.get(id(tensor))
+        if source is None:
+            raise MugenError(f"save_averaged_weights: state dict entry {name} is no parameter or buffer the EMA tracks")
+        if source in stored_as:  # tied weights: stored once
+            aliases[name] = stored_as[source]
+            continue
+        value = ema.shadow[source].detach()
+        if isinstance(value, DTensor):
+            value = value.full_tensor()
+        tensors[name] = value.to("cpu").contiguous().clone()
+        stored_as[source] = name
+    write_atomically(path, lambda temporary: save_file(tensors, str(temporary), metadata={_ALIASES_KEY: json.dumps(aliases)}))

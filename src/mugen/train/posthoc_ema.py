@@ -231,18 +231,119 @@ def posthoc_ema_from_checkpoints(
         gammas = [gamma for _, _, gamma in snapshots]
         weights = solve_posthoc_ema_weights(steps, gammas, target_step or max(steps), target_sigma_rel)
 
+    combine_safetensors_files(files, weights, output_path, {"method": method, "steps": steps})
+    return weights
+
+
+def combine_safetensors_files(files: Sequence[Path], weights: Tensor, output_path, record: dict) -> None:
+    """Write ``sum_i weights[i] * files[i]`` (floating-point tensors; others from the last file) atomically.
+
+    One tensor name at a time, so only one tensor per file is in memory. ``record`` (with the
+    weights added) goes into the safetensors metadata under ``mugen_posthoc_ema``.
+    """
     handles = [safe_open(str(path), framework="pt", device="cpu") for path in files]
     names = list(handles[-1].keys())
     for path, handle in zip(files, handles):
         if set(handle.keys()) != set(names):
-            raise MugenError(f"posthoc_ema_from_checkpoints: {path} holds other tensors than {files[-1]}; combine checkpoints of one model")
+            raise MugenError(f"post-hoc EMA: {path} holds other tensors than {files[-1]}; combine snapshots of one model")
     metadata = handles[-1].metadata() or {}  # keeps the tied-weight aliases of mugen checkpoints
     combined = {}
-    for name in tqdm(names, desc=f"post-hoc EMA ({method})", unit="tensor"):
+    for name in tqdm(names, desc=f"post-hoc EMA ({record.get('method')})", unit="tensor"):
         tensors = [handle.get_tensor(name) for handle in handles]
         if any(tensor.shape != tensors[-1].shape for tensor in tensors):
-            raise MugenError(f"posthoc_ema_from_checkpoints: {name} has different shapes across checkpoints; combine checkpoints of one model")
+            raise MugenError(f"post-hoc EMA: {name} has different shapes across snapshots; combine snapshots of one model")
         combined[name] = _weighted_average(tensors, weights) if tensors[-1].is_floating_point() else tensors[-1]
-    metadata = {**metadata, "mugen_posthoc_ema": json.dumps({"method": method, "steps": steps, "weights": weights.tolist()})}
+    metadata = {**metadata, "mugen_posthoc_ema": json.dumps({**record, "weights": weights.tolist()})}
     write_atomically(output_path, lambda temporary: save_file(combined, str(temporary), metadata=metadata))
-    return weights
+
+
+# ------------------------------------------------------------------ (d) from a run's snapshots
+SNAPSHOTS_DIR = "snapshots"  # mugen.train.runs.SNAPSHOTS_DIR
+_POWER_FILE = re.compile(r"^power_ema_(\d+\.\d+)\.safetensors$")  # mugen.train.ema.power_ema_file_name
+
+
+def run_snapshots(run_dir: str | os.PathLike) -> list[Path]:
+    """The snapshot folders of a `mugen train dit --snapshot-every` run, oldest first."""
+    root = Path(run_dir) / SNAPSHOTS_DIR
+    found = sorted(
+        (int(m.group(1)), child) for child in (root.iterdir() if root.is_dir() else []) if (m := _STEP_DIR.match(child.name)) and child.is_dir()
+    )
+    if not found:
+        raise MugenError(
+            f"post-hoc EMA: {root} holds no snapshots (step_* folders); train with `mugen train dit --snapshot-every N`"
+        )
+    return [path for _, path in found]
+
+
+def posthoc_ema_from_run(
+    run_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    method: str,
+    *,
+    half_life_steps: float | None = None,
+    sigma_rel: float | None = None,
+    target_step: int | None = None,
+) -> dict:
+    """Combine a run's snapshots into ``output_dir`` (model_config.json + model.safetensors + posthoc_ema.json).
+
+    ``method="ensemble"`` (seed §4.2.3): the raw weights of the snapshots, weighted by
+    ``ensemble_weights(steps, half_life_steps)``. ``method="power"`` (EDM2): the power-function
+    EMAs stored in the snapshots (every tracked width at every snapshot step), weighted by the
+    least-squares fit of the target profile ``sigma_rel`` at ``target_step`` (default: newest).
+    The output loads like a run folder (`mugen generate --checkpoint OUT`). Returns the record
+    written to posthoc_ema.json (method, files, steps, weights).
+    """
+    from mugen.atomic import write_text_atomically
+
+    run_dir, output_dir = Path(run_dir), Path(output_dir)
+    config_file = run_dir / "model_config.json"  # mugen.models.dit.io.RUN_CONFIG_FILE
+    if not config_file.is_file():
+        raise MugenError(f"post-hoc EMA: {config_file} is missing; --run must be the folder `mugen train dit` wrote")
+    snapshots = run_snapshots(run_dir)
+    if method == "ensemble":
+        if half_life_steps is None:
+            raise MugenError("post-hoc EMA: --method ensemble needs --half-life-steps")
+        files = [snapshot / _MODEL_FILE for snapshot in snapshots]
+        steps = [_step_of(snapshot) for snapshot in snapshots]
+        gammas = None
+        weights = ensemble_weights(steps, half_life_steps)
+    elif method == "power":
+        if sigma_rel is None:
+            raise MugenError("post-hoc EMA: --method power needs --sigma-rel (e.g. 0.05 to 0.2)")
+        files, steps, gammas = [], [], []
+        for snapshot in snapshots:
+            for child in sorted(snapshot.iterdir()):
+                match = _POWER_FILE.match(child.name)
+                if match:
+                    files.append(child)
+                    steps.append(_step_of(snapshot))
+                    gammas.append(gamma_from_sigma_rel(float(match.group(1))))
+        if not files:
+            raise MugenError(
+                f"post-hoc EMA: the snapshots in {run_dir / SNAPSHOTS_DIR} hold no power_ema_*.safetensors; "
+                "train with --snapshot-every and --power-ema-sigma-rel, or use --method ensemble"
+            )
+        weights = solve_posthoc_ema_weights(steps, gammas, target_step or max(steps), sigma_rel)
+    else:
+        raise MugenError(f"post-hoc EMA: --method {method!r}; use 'ensemble' or 'power'")
+    for path in files:
+        if not path.is_file():
+            raise MugenError(f"post-hoc EMA: {path} does not exist; the snapshot is incomplete")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    record = {
+        "method": method,
+        "run": str(run_dir),
+        "files": [str(path.relative_to(run_dir)) for path in files],
+        "steps": steps,
+        "gammas": gammas,
+        "half_life_steps": half_life_steps,
+        "sigma_rel": sigma_rel,
+        "target_step": (target_step or max(steps)) if method == "power" else None,
+    }
+    combine_safetensors_files(files, weights, output_dir / _MODEL_FILE, record)
+    record["weights"] = weights.tolist()
+    run_record = json.loads(config_file.read_text(encoding="utf-8"))
+    run_record["posthoc_ema"] = {key: value for key, value in record.items() if key != "files"}
+    write_text_atomically(output_dir / "model_config.json", json.dumps(run_record, indent=2) + "\n")
+    write_text_atomically(output_dir / "posthoc_ema.json", json.dumps(record, indent=2) + "\n")
+    return record

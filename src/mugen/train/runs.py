@@ -37,7 +37,8 @@ def dataclass_from_dict(cls, values: dict | None, what: str):
 
 
 def load_run_config(path: str | os.PathLike | None) -> dict:
-    """A JSON file with optional sections "train", "task", "model", "data"."""
+    """A JSON file with optional sections "train", "task", "model", "data", "curriculum" (see curriculum_run.py)
+    and "averaging" (``ema_decay``, ``snapshot_every``, ``power_ema_sigma_rels``: see ``DiTRunSpec``)."""
     if path is None:
         return {}
     path = Path(path)
@@ -47,9 +48,12 @@ def load_run_config(path: str | os.PathLike | None) -> dict:
         record = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise MugenError(f"config {path} is not valid JSON ({error})") from error
-    unknown = sorted(set(record) - {"train", "task", "model", "data"})
+    unknown = sorted(set(record) - {"train", "task", "model", "data", "curriculum", "averaging"})
     if unknown:
-        raise MugenError(f"config {path}: unknown sections {unknown}; use train, task, model, data")
+        raise MugenError(f"config {path}: unknown sections {unknown}; use train, task, model, data, curriculum, averaging")
+    averaging_keys = sorted(set(record.get("averaging", {})) - {"ema_decay", "snapshot_every", "power_ema_sigma_rels"})
+    if averaging_keys:
+        raise MugenError(f"config {path}: unknown keys {averaging_keys} in section 'averaging'; use ema_decay, snapshot_every, power_ema_sigma_rels")
     return record
 
 
@@ -76,6 +80,107 @@ class DiTRunSpec:
     # optimizer, e.g. after parameter expansion (seed §4.2.1) or for SFT on a pre-trained model.
     # Ignored when the output folder already holds a checkpoint (the run resumes from it instead).
     init_from: str | None = None
+    # Annealed SFT with post-hoc EMA (seed §4.2.3). ema_decay: keep an online EMA of the weights
+    # (checkpointed, exported to ``output_dir/ema`` at the end). snapshot_every > 0: write the raw
+    # weights and power-function EMAs of widths ``power_ema_sigma_rels`` to
+    # ``output_dir/snapshots/step_*`` every that many steps (never pruned), for `mugen posthoc-ema`.
+    ema_decay: float | None = None
+    snapshot_every: int = 0
+    power_ema_sigma_rels: tuple[float, ...] = (0.05, 0.10)
+
+
+EMA_DIR = "ema"
+SNAPSHOTS_DIR = "snapshots"
+
+
+class WeightAverages:
+    """The online EMA and the snapshot writer of a DiT run (seed §4.2.3), hooked into the Trainer.
+
+    ``states()`` goes to ``Trainer(extra_state=...)`` so every checkpoint holds the averages and a
+    resumed run continues them exactly; ``on_step_end`` updates them and writes a snapshot every
+    ``snapshot_every`` steps.
+    """
+
+    def __init__(self, output_dir, run_record: dict, ema_decay: float | None, snapshot_every: int, power_sigma_rels):
+        if ema_decay is not None and not 0.0 < ema_decay < 1.0:
+            raise MugenError(f"--ema-decay {ema_decay}: must be between 0 and 1, e.g. 0.999")
+        if snapshot_every < 0:
+            raise MugenError(f"--snapshot-every {snapshot_every}: must be >= 0 (0 = no snapshots)")
+        self.output_dir = Path(output_dir)
+        self.run_record = run_record
+        self.ema_decay = ema_decay
+        self.snapshot_every = int(snapshot_every)
+        self.power_sigma_rels = tuple(float(s) for s in power_sigma_rels) if snapshot_every else ()
+        self.averages: dict = {}
+        self.model = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.ema_decay is not None or self.snapshot_every > 0
+
+    def attach(self, model) -> None:
+        """Build the averages from ``model`` (call after the Trainer moved it to its device)."""
+        from mugen.train.ema import EMA, PowerFunctionEMA
+
+        self.model = model
+        if self.ema_decay is not None:
+            self.averages["ema"] = EMA(model, self.ema_decay)
+        for sigma_rel in self.power_sigma_rels:
+            self.averages[f"power_ema_{sigma_rel:.4f}"] = PowerFunctionEMA(model, sigma_rel)
+
+    def states(self) -> dict:
+        return self.averages
+
+    def on_step_end(self, step: int, model) -> None:
+        for average in self.averages.values():
+            average.update(model)
+        if self.snapshot_every and step % self.snapshot_every == 0:
+            self.write_snapshot(step, model)
+
+    def write_snapshot(self, step: int, model) -> Path:
+        """``snapshots/step_{step:08d}/``: model.safetensors + power_ema_*.safetensors, atomically."""
+        import json
+        import shutil
+        import tempfile
+
+        from safetensors.torch import save_file
+
+        from mugen.train.checkpoint import _ALIASES_KEY, MODEL_FILE, _tensors_for_safetensors, step_dir_name
+        from mugen.train.ema import power_ema_file_name, save_averaged_weights
+
+        root = self.output_dir / SNAPSHOTS_DIR
+        root.mkdir(parents=True, exist_ok=True)
+        final = root / step_dir_name(step)
+        temporary = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+        try:
+            tensors, aliases = _tensors_for_safetensors(model)
+            save_file(tensors, str(temporary / MODEL_FILE), metadata={_ALIASES_KEY: json.dumps(aliases)})
+            for sigma_rel in self.power_sigma_rels:
+                save_averaged_weights(self.averages[f"power_ema_{sigma_rel:.4f}"], model, temporary / power_ema_file_name(sigma_rel))
+            if final.exists():  # written before an interruption: the resumed run rewrites it identically
+                shutil.rmtree(final)
+            temporary.rename(final)
+        except BaseException:
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise
+        return final
+
+    def export_ema(self) -> Path | None:
+        """Write ``output_dir/ema`` (model_config.json + model.safetensors), a folder `mugen generate` loads."""
+        from mugen.models.dit.io import write_run_config
+        from mugen.train.checkpoint import MODEL_FILE
+        from mugen.train.ema import save_averaged_weights
+
+        if "ema" not in self.averages:
+            return None
+        folder = self.output_dir / EMA_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        save_averaged_weights(self.averages["ema"], self.model, folder / MODEL_FILE)
+        record = dict(self.run_record)
+        record["ema"] = {"decay": self.ema_decay, "updates": self.averages["ema"].updates}
+        write_run_config(folder, record)
+        log.info("online EMA (decay %s) exported to %s", self.ema_decay, folder)
+        return folder
 
 
 def initialise_from(model, checkpoint: str | os.PathLike) -> dict:
@@ -118,17 +223,15 @@ def train_dit(spec: DiTRunSpec, resume: bool = True) -> list[dict]:
     null_states, null_mask = load_text_features(null_path)
     null_text = TextFeatures(null_states[None].float(), null_mask[None])
 
-    write_run_config(
-        spec.output_dir,
-        {
-            "dit": config.to_dict(),
-            "preset": spec.preset,
-            "text_encoder": spec.text_encoder,
-            "vae": spec.vae_dir,
-            "manifest": str(manifest),
-            "shift_base_resolution": spec.task.shift_base_resolution,
-        },
-    )
+    run_record = {
+        "dit": config.to_dict(),
+        "preset": spec.preset,
+        "text_encoder": spec.text_encoder,
+        "vae": spec.vae_dir,
+        "manifest": str(manifest),
+        "shift_base_resolution": spec.task.shift_base_resolution,
+    }
+    write_run_config(spec.output_dir, run_record)
     torch.manual_seed(spec.train.seed)
     model = MUGDiT(config)
     log.info("MUG-DiT %s: %.2fM parameters", spec.preset, model.num_parameters / 1e6)
@@ -159,6 +262,8 @@ def train_dit(spec: DiTRunSpec, resume: bool = True) -> list[dict]:
         sampler = ShapeBucketBatchSampler(keys, spec.batch_size, seed=spec.train.seed, batch_size_for_key=per_key)
     from mugen.train.flops import DiTStepFlops
 
+    averages = WeightAverages(spec.output_dir, run_record, spec.ema_decay, spec.snapshot_every, spec.power_ema_sigma_rels)
+
     trainer = Trainer(
         model,
         DiTFlowTask(spec.task, null_text),
@@ -170,8 +275,13 @@ def train_dit(spec: DiTRunSpec, resume: bool = True) -> list[dict]:
         device=spec.device,
         resume=resume,
         flop_counter=DiTStepFlops(config),
+        extra_state=averages.states if averages.enabled else None,
+        on_step_end=averages.on_step_end if averages.enabled else None,
     )
-    return trainer.fit()
+    averages.attach(trainer.model)
+    history = trainer.fit()
+    averages.export_ema()
+    return history
 
 
 @dataclass
