@@ -353,6 +353,10 @@ def train_dit_curriculum(spec, curriculum: dict | CurriculumRunConfig, resume: b
             f"curriculum run: num_workers={spec.train.num_workers}; the curriculum sampler follows the schedule live, "
             "so batches cannot be drawn ahead; set train.num_workers to 0"
         )
+    if spec.train.prefetch:
+        # The sampler follows the schedule live, so no batch may be drawn before the step that uses it.
+        log.info("curriculum run: background prefetch off (train.prefetch %d -> 0)", spec.train.prefetch)
+        spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, prefetch=0))
     manifests = run.manifests()
     dataset = MultiManifestDataset(manifests, cache_in_memory=spec.cache_in_memory)
     first = dataset[0]

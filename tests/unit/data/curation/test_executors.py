@@ -26,7 +26,9 @@ def test_inline_executor_reports_exceptions_and_goes_on():
 
 
 def test_process_executor_survives_a_raising_task_and_a_dying_worker():
-    outcomes = _outcomes(ProcessExecutor(workers=2, max_in_flight=2), [1, 2, 3, 4, 5, 6, 7, 8])
+    # One item in flight at a time: with two, item 3 could still be in flight when item 5 kills the
+    # pool, and would then (correctly) be reported as BrokenProcessPool instead of its ValueError.
+    outcomes = _outcomes(ProcessExecutor(workers=2, max_in_flight=1), [1, 2, 3, 4, 5, 6, 7, 8])
     assert sorted(outcomes) == [1, 2, 3, 4, 5, 6, 7, 8]  # every item reported exactly once
     assert isinstance(outcomes[3], ValueError)
     assert isinstance(outcomes[5], BrokenProcessPool)
