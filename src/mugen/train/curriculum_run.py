@@ -340,10 +340,9 @@ def train_dit_curriculum(spec, curriculum: dict | CurriculumRunConfig, resume: b
     import dataclasses
 
     from mugen.data.datasets import collate_latent_batch
-    from mugen.models.dit import MUGDiT, dit_config
+    from mugen.models.dit import MUGDiT
     from mugen.models.dit.io import write_run_config
-    from mugen.models.text.base import TextFeatures, load_text_features
-    from mugen.train.runs import WeightAverages, initialise_from
+    from mugen.train.runs import WeightAverages, dit_run_setup, initialise_from
     from mugen.train.tasks import DiTFlowTask
     from mugen.train.trainer import Trainer
 
@@ -359,25 +358,8 @@ def train_dit_curriculum(spec, curriculum: dict | CurriculumRunConfig, resume: b
         spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, prefetch=0))
     manifests = run.manifests()
     dataset = MultiManifestDataset(manifests, cache_in_memory=spec.cache_in_memory)
-    first = dataset[0]
-    config = dit_config(
-        spec.preset,
-        **{"text_dim": first["text_states"].shape[-1], "latent_channels": first["latents"].shape[0], **spec.model_overrides},
-    )
-    null_path = Path(manifests[0]).parent / "null_text.safetensors"
-    if not null_path.is_file():
-        raise MugenError(f"{null_path} is missing; `mugen encode` writes it beside the manifest (needed for text dropout)")
-    null_states, null_mask = load_text_features(null_path)
-    null_text = TextFeatures(null_states[None].float(), null_mask[None])
-    run_record = {
-        "dit": config.to_dict(),
-        "preset": spec.preset,
-        "text_encoder": spec.text_encoder,
-        "vae": spec.vae_dir,
-        "manifest": manifests[0],
-        "shift_base_resolution": spec.task.shift_base_resolution,
-        "curriculum": {**run.curriculum.to_dict(), **{k: v for k, v in dataclasses.asdict(run).items() if k != "curriculum"}},
-    }
+    config, null_text, run_record = dit_run_setup(spec, dataset[0], manifests[0])
+    run_record["curriculum"] = {**run.curriculum.to_dict(), **{k: v for k, v in dataclasses.asdict(run).items() if k != "curriculum"}}
     write_run_config(spec.output_dir, run_record)
 
     torch.manual_seed(spec.train.seed)

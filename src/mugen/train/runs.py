@@ -13,12 +13,16 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from mugen.errors import MugenError
 from mugen.train.tasks import DiTFlowTask, DiTTaskConfig, VAETask, VAETaskConfig
 from mugen.train.trainer import TrainConfig, Trainer
+
+if TYPE_CHECKING:
+    from mugen.train.preference import PreferenceTaskConfig
 
 log = logging.getLogger(__name__)
 
@@ -202,28 +206,23 @@ def initialise_from(model, checkpoint: str | os.PathLike) -> dict:
     return record
 
 
-def train_dit(spec: DiTRunSpec, resume: bool = True) -> list[dict]:
-    from mugen.data.datasets import LatentTextDataset, collate_latent_batch
-    from mugen.data.sampling import ShapeBucketBatchSampler
-    from mugen.models.dit import MUGDiT, dit_config
-    from mugen.models.dit.io import write_run_config
+def dit_run_setup(spec: "DiTRunSpec", first: dict, manifest: str | os.PathLike):
+    """The model config for the data's widths, the null caption for text dropout, and the run record.
+
+    ``first`` is one dataset item (its text width and latent channels size the model); the null text
+    lives beside ``manifest``, where `mugen encode` writes it. Returns (config, null_text, record).
+    """
+    from mugen.models.dit import dit_config
     from mugen.models.text.base import TextFeatures, load_text_features
 
-    manifest = Path(spec.manifest)
-    dataset = LatentTextDataset(manifest, cache_in_memory=spec.cache_in_memory)
-    if len(dataset) == 0:
-        raise MugenError(f"manifest {manifest} lists no samples; run `mugen encode` first")
-    first = dataset[0]
-    text_dim = first["text_states"].shape[-1]
-    latent_channels = first["latents"].shape[0]
-    config = dit_config(spec.preset, **{"text_dim": text_dim, "latent_channels": latent_channels, **spec.model_overrides})
-    null_path = manifest.parent / "null_text.safetensors"
+    overrides = {"text_dim": first["text_states"].shape[-1], "latent_channels": first["latents"].shape[0], **spec.model_overrides}
+    config = dit_config(spec.preset, **overrides)
+    null_path = Path(manifest).parent / "null_text.safetensors"
     if not null_path.is_file():
         raise MugenError(f"{null_path} is missing; `mugen encode` writes it beside the manifest (needed for text dropout)")
     null_states, null_mask = load_text_features(null_path)
     null_text = TextFeatures(null_states[None].float(), null_mask[None])
-
-    run_record = {
+    record = {
         "dit": config.to_dict(),
         "preset": spec.preset,
         "text_encoder": spec.text_encoder,
@@ -231,6 +230,21 @@ def train_dit(spec: DiTRunSpec, resume: bool = True) -> list[dict]:
         "manifest": str(manifest),
         "shift_base_resolution": spec.task.shift_base_resolution,
     }
+    return config, null_text, record
+
+
+def train_dit(spec: DiTRunSpec, resume: bool = True) -> list[dict]:
+    from mugen.data.datasets import LatentTextDataset, collate_latent_batch
+    from mugen.data.sampling import ShapeBucketBatchSampler
+    from mugen.models.dit import MUGDiT
+    from mugen.models.dit.io import write_run_config
+
+    manifest = Path(spec.manifest)
+    dataset = LatentTextDataset(manifest, cache_in_memory=spec.cache_in_memory)
+    if len(dataset) == 0:
+        raise MugenError(f"manifest {manifest} lists no samples; run `mugen encode` first")
+    first = dataset[0]
+    config, null_text, run_record = dit_run_setup(spec, first, manifest)
     write_run_config(spec.output_dir, run_record)
     torch.manual_seed(spec.train.seed)
     model = MUGDiT(config)
@@ -338,7 +352,7 @@ class PreferenceRunSpec:
     manifest: str | None = None  # preference.parquet (mugen.train.preference_data); or pass a dataset
     reference: str | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
-    task: "PreferenceTaskConfig | None" = None
+    task: PreferenceTaskConfig | None = None
     batch_size: int = 8
     source_ratios: dict | None = None
     device: str = "cpu"

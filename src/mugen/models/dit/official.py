@@ -18,18 +18,16 @@ from dataclasses import fields
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from mugen.atomic import write_atomically
 from mugen.errors import MugenError
+from mugen.models.state_files import read_state_dict_file
 from mugen.models.dit.model import MUGDiT, MUGDiTConfig
 from mugen.models.dit.presets import DIT_PRESETS
 from mugen.train.checkpoint import state_dict_differences
 
-TORCH_SUFFIXES = (".pt", ".pth", ".bin")
-SAFETENSORS_SUFFIX = ".safetensors"
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
 
 
@@ -129,35 +127,14 @@ def describe_size(config: MUGDiTConfig) -> str:
 # ------------------------------------------------------------------------------------- import
 def read_official_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     """Read ``dit.pt`` (``torch.load(weights_only=True)``) or a ``.safetensors`` file onto the CPU."""
-    path = Path(path)
-    if not path.is_file():
-        raise MugenError(f"DiT checkpoint {path} does not exist; pass the official dit.pt or a .safetensors export")
-    suffix = path.suffix.lower()
-    if suffix not in (*TORCH_SUFFIXES, SAFETENSORS_SUFFIX):
-        raise MugenError(f"DiT checkpoint {path} has suffix {suffix!r}; expected .pt (official dit.pt) or .safetensors")
-    try:
-        if suffix == SAFETENSORS_SUFFIX:
-            state_dict = load_file(str(path), device="cpu")
-        else:
-            # mmap: a 10B file (tens of GB) is paged in as the model copies it, not read twice into RAM.
-            state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as error:
-        raise MugenError(
-            f"DiT checkpoint {path} cannot be read ({type(error).__name__}: {str(error).splitlines()[0]}); "
-            "the file is truncated or damaged, copy it again"
-        ) from error
-    except Exception as error:  # the weights-only unpickler refuses code objects with pickle's own errors
-        raise MugenError(
-            f"DiT checkpoint {path} is not a plain tensor file ({type(error).__name__}); "
-            "export it with `mugen convert` or torch.save(model.state_dict(), path)"
-        ) from error
-    if not isinstance(state_dict, dict) or not all(isinstance(value, Tensor) for value in state_dict.values()):
-        keys = list(state_dict)[:5] if isinstance(state_dict, dict) else type(state_dict).__name__
-        raise MugenError(
-            f"DiT checkpoint {path} is not a plain {{name: tensor}} state dict (top level: {keys}); "
-            "save model.state_dict() itself, not a wrapper around it"
-        )
-    return state_dict
+    return read_state_dict_file(
+        path,
+        "DiT checkpoint",
+        expected=".pt (official dit.pt) or .safetensors",
+        missing_hint="pass the official dit.pt or a .safetensors export",
+        resave_hint="export it with `mugen convert` or torch.save(model.state_dict(), path)",
+        wrapper_hint="save model.state_dict() itself, not a wrapper around it",
+    )
 
 
 def check_state_dict_fits(state_dict: dict[str, Tensor], model: MUGDiT, source: str) -> None:

@@ -25,12 +25,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from mugen.errors import MugenError
-from mugen.models.vae.official import (
-    SAFETENSORS_SUFFIX,
-    TORCH_SUFFIXES,
-    ReleasedVideoVAE,
-    load_released_vae,
-)
+from mugen.models.state_files import SAFETENSORS_SUFFIX, TORCH_SUFFIXES
+from mugen.models.vae.official import ReleasedVideoVAE, load_released_vae
 
 __all__ = ["RELEASED_VAE_FILE", "load_released_vae", "load_vae", "resolve_vae_path", "vae_kind"]
 

@@ -40,12 +40,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from mugen.atomic import write_atomically, write_text_atomically
 from mugen.errors import MugenError
+from mugen.models.state_files import SAFETENSORS_SUFFIX, read_state_dict_file
 from mugen.models.vae.frames import FRAMES_PER_LATENT
 from mugen.train.checkpoint import state_dict_differences
 
@@ -62,8 +62,6 @@ RELEASED_LATENT_SCALE = (
     1.0003, 2.5163, 0.6652, 1.2573, 0.7279, 1.0777, 1.5159, 0.8680, 1.1859, 1.0484, 2.4750, 1.5881,
 )  # fmt: skip
 
-TORCH_SUFFIXES = (".pt", ".pth", ".bin")
-SAFETENSORS_SUFFIX = ".safetensors"
 CONFIG_SUFFIX = ".config.json"  # beside vae.pt, only for sizes other than the release's
 
 
@@ -707,33 +705,14 @@ _FILE_HINT = "pass the released MUG-V-inference vae.pt (or a .safetensors of the
 
 def read_released_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     """Read ``vae.pt`` (``torch.load(weights_only=True)``) or a ``.safetensors`` file onto the CPU."""
-    path = Path(path)
-    if not path.is_file():
-        raise MugenError(f"VAE checkpoint {path} does not exist; {_FILE_HINT}")
-    suffix = path.suffix.lower()
-    if suffix not in (*TORCH_SUFFIXES, SAFETENSORS_SUFFIX):
-        raise MugenError(f"VAE checkpoint {path} has suffix {suffix!r}; expected .pt (the released vae.pt) or .safetensors")
-    try:
-        if suffix == SAFETENSORS_SUFFIX:
-            state_dict = load_file(str(path), device="cpu")
-        else:
-            state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as error:
-        raise MugenError(
-            f"VAE checkpoint {path} cannot be read ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
-            "the file is truncated or damaged, copy it again"
-        ) from error
-    except Exception as error:  # the weights-only unpickler refuses code objects with pickle's own errors
-        raise MugenError(
-            f"VAE checkpoint {path} is not a plain tensor file ({type(error).__name__}); "
-            "save it with torch.save(model.state_dict(), path)"
-        ) from error
-    if not isinstance(state_dict, dict) or not all(isinstance(value, Tensor) for value in state_dict.values()):
-        keys = list(state_dict)[:5] if isinstance(state_dict, dict) else type(state_dict).__name__
-        raise MugenError(
-            f"VAE checkpoint {path} is not a plain {{name: tensor}} state dict (top level: {keys}); {_FILE_HINT}"
-        )
-    return state_dict
+    return read_state_dict_file(
+        path,
+        "VAE checkpoint",
+        expected=".pt (the released vae.pt) or .safetensors",
+        missing_hint=_FILE_HINT,
+        resave_hint="save it with torch.save(model.state_dict(), path)",
+        wrapper_hint=_FILE_HINT,
+    )
 
 
 def is_released_state_dict(state_dict: dict[str, Tensor]) -> bool:
