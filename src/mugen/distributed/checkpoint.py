@@ -76,6 +76,7 @@ logger = logging.getLogger(__name__)
 
 DCP_METADATA_FILE = ".metadata"
 TRAIN_KEY = "train_state_json"  # step, data position, ...: rank-independent training state
+_EXTRA_SCALARS = "extra_scalars"  # a subclass's scalars inside the JSON training state
 RNG_DIR = "rng"
 _TMP_PREFIX = ".tmp-"
 
@@ -307,6 +308,25 @@ class DistributedCheckpointer:
         self._save_group = dist.new_group(backend="gloo") if self.async_save else None
         self.pending: PendingSave | None = None
 
+    # Hooks for subclasses that checkpoint more than the model and optimizer (e.g. a sharded EMA).
+    def extra_tensors_view(self) -> dict:
+        """Extra DCP entries saved beside the model and optimizer and loaded back in place."""
+        return {}
+
+    def extra_scalars(self) -> dict | None:
+        """JSON-able values saved with the training state (and in the step's metadata); None = nothing."""
+        return None
+
+    def restore_extra_scalars(self, scalars: dict) -> None:
+        """Take back what ``extra_scalars`` saved (called after the tensors are loaded)."""
+
+    def _view(self) -> tuple[dict, dict]:
+        fused_rows = getattr(self.model, FUSED_ROWS_ATTRIBUTE, {})
+        state = _training_state_dicts(self.model, self.optimizer)
+        view = _canonical_view(state, fused_rows)
+        view.update(self.extra_tensors_view())
+        return state, view
+
     def save(self, step: int, training_state: dict[str, Any] | None = None) -> PendingSave:
         """Checkpoint the model, optimizer, ``training_state`` (step, data position, ...) and RNG after ``step`` steps."""
         if self.pending is not None:
@@ -317,10 +337,10 @@ class DistributedCheckpointer:
             shutil.rmtree(temp_dir, ignore_errors=True)  # left by a killed save
             (temp_dir / RNG_DIR).mkdir(parents=True)
         dist.barrier()
-        fused_rows = getattr(self.model, FUSED_ROWS_ATTRIBUTE, {})
-        state = _training_state_dicts(self.model, self.optimizer)
-        view = _canonical_view(state, fused_rows)
-        view[TRAIN_KEY] = _training_state_json(step, training_state)
+        _, view = self._view()
+        scalars = self.extra_scalars()
+        extra = {} if scalars is None else {_EXTRA_SCALARS: scalars}
+        view[TRAIN_KEY] = _training_state_json(step, {**(training_state or {}), **extra})
         model_config = getattr(getattr(self.model, "config", None), "to_dict", None)
         meta = {
             "step": step,
@@ -330,6 +350,7 @@ class DistributedCheckpointer:
             "layout": self.layout,
             "format": "torch.distributed.checkpoint",
             "model_config": model_config() if model_config else None,
+            **({"extra": scalars} if scalars is not None else {}),
         }
         if self.async_save:
             future = dcp.async_save(
@@ -362,9 +383,7 @@ class DistributedCheckpointer:
                 f"checkpoint: {checkpoint_dir} is not a complete distributed checkpoint (no {DCP_METADATA_FILE}); "
                 "pass a step directory written by DistributedCheckpointer"
             )
-        fused_rows = getattr(self.model, FUSED_ROWS_ATTRIBUTE, {})
-        state = _training_state_dicts(self.model, self.optimizer)
-        view = _canonical_view(state, fused_rows)
+        state, view = self._view()
         view[TRAIN_KEY] = ""  # DCP replaces the object with the saved one
         dcp.load(view, checkpoint_id=str(checkpoint_dir))
         if self.optimizer is None:
@@ -375,7 +394,10 @@ class DistributedCheckpointer:
         saved_world = json.loads((checkpoint_dir / META_FILE).read_text()).get("world_size")
         if restore_rng and saved_world == dist.get_world_size() and rng_file.is_file():
             restore_rng_state(torch.load(rng_file, weights_only=True))
-        return json.loads(view[TRAIN_KEY])
+        training_state = json.loads(view[TRAIN_KEY])
+        if _EXTRA_SCALARS in training_state:
+            self.restore_extra_scalars(training_state.pop(_EXTRA_SCALARS))
+        return training_state
 
 
 def latest_distributed_checkpoint(output_dir: str | os.PathLike) -> Path | None:

@@ -20,41 +20,23 @@ restores the EMA on another.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import time
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from mugen import __version__
-from mugen.distributed.checkpoint import (  # the checkpointer's helpers: the EMA's shards go through the same path
-    _TMP_PREFIX,
-    DCP_METADATA_FILE,
-    RNG_DIR,
-    TRAIN_KEY,
+from mugen.distributed.checkpoint import (  # the EMA's shards go through the checkpointer's own path
     DistributedCheckpointer,
-    PendingSave,
-    _canonical_view,
     _checkpoint_tensor,
-    _CopyToCPU,
     _drop_empty,
-    _training_state_dicts,
-    _training_state_json,
-    latest_distributed_checkpoint,
 )
 from mugen.distributed.tensor_parallel import FUSED_ROWS_ATTRIBUTE, canonical_rows
 from mugen.errors import MugenError
-from mugen.train.checkpoint import META_FILE, restore_rng_state, step_dir_name
 from mugen.train.ema import EMA
 
 EMA_KEY = "ema"
-_EMA_SCALARS = "ema_scalars"  # decay, warmup, updates: kept in the JSON training state
 
 
 def ema_checkpoint_view(ema: EMA, model: nn.Module) -> dict:
@@ -66,8 +48,9 @@ def ema_checkpoint_view(ema: EMA, model: nn.Module) -> dict:
 class EMACheckpointer(DistributedCheckpointer):
     """``DistributedCheckpointer`` that also saves and restores a (sharded) EMA in the same checkpoint.
 
-    ``save`` and ``load`` follow the parent's step by step, with the EMA's shards added to the DCP
-    state (the parent has no hook for extra tensors; keep the two in step when either changes).
+    The EMA's shards go into the DCP state beside the model's (in single-device coordinates, so a run
+    saved on one layout resumes on another); its decay, warm-up flag and update count go into the JSON
+    training state.
     """
 
     def __init__(self, output_dir, model: nn.Module, optimizer=None, ema: EMA | None = None, async_save: bool = False,
@@ -77,78 +60,26 @@ class EMACheckpointer(DistributedCheckpointer):
             raise MugenError("EMACheckpointer: pass ema=EMA(model, ...) built after parallelize_dit; use DistributedCheckpointer without one")
         self.ema = ema
 
-    def _view(self) -> tuple[dict, dict]:
-        fused_rows = getattr(self.model, FUSED_ROWS_ATTRIBUTE, {})
-        state = _training_state_dicts(self.model, self.optimizer)
-        view = _canonical_view(state, fused_rows)
-        view[EMA_KEY] = ema_checkpoint_view(self.ema, self.model)
-        return state, view
+    def extra_tensors_view(self) -> dict:
+        return {EMA_KEY: ema_checkpoint_view(self.ema, self.model)}
 
-    def save(self, step: int, training_state: dict | None = None) -> PendingSave:
-        """Checkpoint model, optimizer, EMA shards, ``training_state`` and RNG after ``step`` steps."""
-        if self.pending is not None:
-            self.pending.wait()
-        final_dir = self.root / step_dir_name(step)
-        temp_dir = self.root / f"{_TMP_PREFIX}{final_dir.name}"
-        if dist.get_rank() == 0:
-            shutil.rmtree(temp_dir, ignore_errors=True)  # left by a killed save
-            (temp_dir / RNG_DIR).mkdir(parents=True)
-        dist.barrier()
-        _, view = self._view()
-        scalars = {"decay": self.ema.decay, "warmup": self.ema.warmup, "updates": self.ema.updates}
-        view[TRAIN_KEY] = _training_state_json(step, {**(training_state or {}), _EMA_SCALARS: scalars})
-        model_config = getattr(getattr(self.model, "config", None), "to_dict", None)
-        meta = {
-            "step": step,
-            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "mugen_version": __version__,
-            "world_size": dist.get_world_size(),
-            "layout": self.layout,
-            "format": "torch.distributed.checkpoint",
-            "model_config": model_config() if model_config else None,
-            "ema": scalars,
-        }
-        if self.async_save:
-            future = dcp.async_save(view, checkpoint_id=str(temp_dir), process_group=self._save_group, async_stager=_CopyToCPU())
-            self.pending = PendingSave(final_dir, temp_dir, future, meta, self.keep_checkpoints)
-            return self.pending
-        dcp.save(view, checkpoint_id=str(temp_dir))
-        pending = PendingSave(final_dir, temp_dir, None, meta, self.keep_checkpoints)
-        pending.wait()
-        return pending
+    def extra_scalars(self) -> dict:
+        return {"decay": self.ema.decay, "warmup": self.ema.warmup, "updates": self.ema.updates}
+
+    def restore_extra_scalars(self, scalars: dict) -> None:
+        self.ema.decay, self.ema.warmup, self.ema.updates = float(scalars["decay"]), bool(scalars["warmup"]), int(scalars["updates"])
 
     def load(self, checkpoint_dir: str | os.PathLike | None = None, restore_rng: bool = True) -> dict | None:
         """Load model, optimizer and EMA in place; returns the training state (without the EMA's scalars)."""
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
-
-        checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else latest_distributed_checkpoint(self.root.parent)
-        if checkpoint_dir is None:
-            return None
-        if not (checkpoint_dir / DCP_METADATA_FILE).is_file():
-            raise MugenError(f"checkpoint: {checkpoint_dir} is not a complete distributed checkpoint (no {DCP_METADATA_FILE})")
-        state, view = self._view()
-        view[TRAIN_KEY] = ""  # DCP replaces the object with the saved one
         try:
-            dcp.load(view, checkpoint_id=str(checkpoint_dir))
+            return super().load(checkpoint_dir, restore_rng)
         except Exception as error:  # noqa: BLE001 - DCP raises several kinds for missing keys
-            if "ema" in str(error):
+            if EMA_KEY in str(error) and not isinstance(error, MugenError):
                 raise MugenError(
-                    f"checkpoint: {checkpoint_dir} holds no EMA ({error.__class__.__name__}); it was saved without one; "
-                    "load it with DistributedCheckpointer and start the EMA from the weights"
+                    f"checkpoint: {checkpoint_dir or 'the latest step'} holds no EMA ({error.__class__.__name__}); it was "
+                    "saved without one; load it with DistributedCheckpointer and start the EMA from the weights"
                 ) from error
             raise
-        if self.optimizer is None:
-            set_model_state_dict(self.model, state["model"])
-        else:
-            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-        rng_file = checkpoint_dir / RNG_DIR / f"rank_{dist.get_rank():05d}.pt"
-        saved_world = json.loads((checkpoint_dir / META_FILE).read_text()).get("world_size")
-        if restore_rng and saved_world == dist.get_world_size() and rng_file.is_file():
-            restore_rng_state(torch.load(rng_file, weights_only=True))
-        training_state = json.loads(view[TRAIN_KEY])
-        scalars = training_state.pop(_EMA_SCALARS)
-        self.ema.decay, self.ema.warmup, self.ema.updates = float(scalars["decay"]), bool(scalars["warmup"]), int(scalars["updates"])
-        return training_state
 
 
 def gathered_ema_state_dict(ema: EMA, model: nn.Module) -> dict[str, Tensor]:
