@@ -165,6 +165,21 @@ def test_mugen_convert_reads_distributed_checkpoints(saved_run, reference, tmp_p
     torch.testing.assert_close(exported["blocks.1.attn.qkv.weight"], reference["saved_weights"]["blocks.1.attn.qkv.weight"], atol=WEIGHT_ATOL, rtol=WEIGHT_RTOL)
 
 
+def test_expand_reads_a_distributed_checkpoint(saved_run, reference, tmp_path):
+    # Seed §4.2.1 on a sharded checkpoint: `mugen expand` of the step folder written on 4 ranks equals
+    # the expansion of the single-process weights (no perturbation: the map is exact).
+    from mugen.models.dit.io import load_dit
+    from mugen.train.expansion import expand_dit_state_dict
+
+    step_dir = saved_run["output_dir"] / "checkpoints" / "step_00000002"
+    assert main(["expand", "--checkpoint", str(step_dir), "--factor", "2", "--perturbation", "0", "--output", str(tmp_path / "x2")]) == 0
+    expanded, record = load_dit(tmp_path / "x2")
+    assert record["dit"]["hidden_size"] == 2 * tiny_dit_config().hidden_size
+    expected, _ = expand_dit_state_dict(reference["saved_weights"], tiny_dit_config(), 2, perturbation=0.0)
+    for name, tensor in expanded.state_dict().items():
+        torch.testing.assert_close(tensor, expected[name], atol=WEIGHT_ATOL, rtol=WEIGHT_RTOL, msg=lambda m: f"{name}: {m}")
+
+
 def test_export_refuses_a_directory_without_a_checkpoint(tmp_path):
     with pytest.raises(MugenError, match="has no .metadata"):
         export_checkpoint(tmp_path, tmp_path / "dit.pt")

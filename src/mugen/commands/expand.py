@@ -11,7 +11,7 @@ def register(commands) -> None:
     from mugen.train.expansion import DEFAULT_PERTURBATION
 
     parser = commands.add_parser("expand", help="widen a trained DiT by an integer factor, keeping its outputs (2B -> 10B)")
-    parser.add_argument("--checkpoint", required=True, help="run folder of `mugen train dit` (or one of its step folders)")
+    parser.add_argument("--checkpoint", required=True, help="run folder of `mugen train dit` (or one of its step folders), or a step folder of a sharded (distributed) checkpoint")
     parser.add_argument("--factor", required=True, type=int, help="width factor e >= 2 (hidden and heads times e)")
     parser.add_argument("--output", required=True, help="new folder to write model_config.json and model.safetensors into")
     parser.add_argument(

@@ -221,7 +221,8 @@ def expand_checkpoint(
     perturbation: float = DEFAULT_PERTURBATION,
     seed: int = 0,
 ) -> Path:
-    """Expand a `mugen train dit` run (or step/export folder) into a new loadable folder.
+    """Expand a `mugen train dit` run (or step/export folder), or a step folder of a sharded
+    (torch.distributed.checkpoint) checkpoint of parallel training, into a new loadable folder.
 
     Writes ``output_dir/model.safetensors`` then ``output_dir/model_config.json`` (the source's record
     with the new "dit" config, the matching "preset" and an "expanded_from" note), so that
@@ -231,6 +232,7 @@ def expand_checkpoint(
     from safetensors.torch import save_file
 
     from mugen.atomic import write_atomically
+    from mugen.distributed.checkpoint import DCP_METADATA_FILE, read_model_state_dict
     from mugen.models.dit.io import (
         RUN_CONFIG_FILE,
         load_dit,
@@ -244,15 +246,24 @@ def expand_checkpoint(
     expanded_config(MUGDiTConfig(), factor)  # check the factor before reading a large checkpoint
     if perturbation < 0:
         raise MugenError(f"--perturbation {perturbation} must be >= 0 (a std relative to each weight's std)")
-    _, weights_path = resolve_dit_checkpoint(checkpoint)
     if (output_dir / MODEL_FILE).exists() or (output_dir / RUN_CONFIG_FILE).exists():
         raise MugenError(f"--output {output_dir} already holds a model; choose a new folder or remove it")
-    model, record = load_dit(checkpoint)
+    if (Path(checkpoint) / DCP_METADATA_FILE).is_file():
+        # A sharded checkpoint of parallel training (torch.distributed.checkpoint): read the whole
+        # model on this process in single-device names; its step metadata holds the model config.
+        source_state, meta = read_model_state_dict(checkpoint)
+        if not meta or not meta.get("model_config"):
+            raise MugenError(f"--checkpoint {checkpoint}: the distributed checkpoint records no model config; it cannot be expanded")
+        config = MUGDiTConfig.from_dict(meta["model_config"])
+        record, weights_path = {"dit": config.to_dict(), "preset": matching_preset(config)}, Path(checkpoint)
+    else:
+        _, weights_path = resolve_dit_checkpoint(checkpoint)
+        model, record = load_dit(checkpoint)
+        source_state, config = model.state_dict(), model.config
+        del model
     generator = torch.Generator().manual_seed(seed)
-    state, new_config = expand_dit_state_dict(
-        model.state_dict(), model.config, factor, perturbation, generator, progress=True
-    )
-    del model
+    state, new_config = expand_dit_state_dict(source_state, config, factor, perturbation, generator, progress=True)
+    del source_state
     tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in state.items()}
     write_atomically(output_dir / MODEL_FILE, lambda temporary: save_file(tensors, str(temporary)))
     new_record = dict(record)
