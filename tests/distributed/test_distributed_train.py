@@ -1,8 +1,8 @@
-"""`mugen train dit --parallel` on 2 gloo processes gives the single-process run's losses.
+"""`mugen train dit --parallel` on 2 (and 4) gloo processes gives the single-process run's losses.
 
 The reference is the single-process `mugen train dit` on a tiny manifest (global batch 3). The same
 command on 2 processes, dp_shard=2 (rank 0 computes one sample of every batch, rank 1 two: an uneven
-split) or tp=2 (both ranks the whole batch, weights split), must log the same per-step losses (rtol 1e-5, as in
+split), tp=2 (both ranks the whole batch, weights split) or dp_shard=2,tp=2 on 4 processes must log the same per-step losses (rtol 1e-5, as in
 test_parallelize.py); a run stopped after 2 steps and resumed from its sharded checkpoint on the
 same layout must continue with the same losses.
 """
@@ -65,17 +65,19 @@ def problem(tmp_path_factory) -> dict:
     return {"root": root, "manifest": manifest, "config": config, "losses": losses}
 
 
-@pytest.mark.parametrize("layout, rank0_samples", [("dp_shard=2", 1), ("tp=2", BATCH)])
-def test_two_processes_give_single_process_losses(problem, layout, rank0_samples):
-    output = problem["root"] / f"parallel_{layout.replace('=', '')}"
+@pytest.mark.parametrize(
+    "layout, world_size, rank0_samples", [("dp_shard=2", 2, 1), ("tp=2", 2, BATCH), ("dp_shard=2,tp=2", 4, 1)]
+)
+def test_parallel_runs_give_single_process_losses(problem, layout, world_size, rank0_samples):
+    output = problem["root"] / f"parallel_{layout.replace('=', '').replace(',', '_')}"
     argv = train_command(problem["manifest"], problem["config"], output, STEPS, "--parallel", layout)
-    assert run_distributed(train_on_rank, 2, args=(argv,)) == [0, 0]
+    assert run_distributed(train_on_rank, world_size, args=(argv,)) == [0] * world_size
     assert logged_losses(output) == pytest.approx(problem["losses"], rel=LOSS_RTOL)
     assert logged(output, "samples") == [rank0_samples] * STEPS  # rank 0 logs the samples it computed
     checkpoints = output / "checkpoints"
     assert (checkpoints / "latest").read_text().strip() == f"step_{STEPS:08d}"
     assert (checkpoints / f"step_{STEPS:08d}" / ".metadata").is_file()  # sharded (DCP), not a single-file checkpoint
-    assert json.loads((checkpoints / f"step_{STEPS:08d}" / "meta.json").read_text())["world_size"] == 2
+    assert json.loads((checkpoints / f"step_{STEPS:08d}" / "meta.json").read_text())["world_size"] == world_size
     assert (output / "loss_curve.png").is_file()
 
 
@@ -104,3 +106,24 @@ def test_bad_parallel_layout_is_a_one_line_error(problem, layout, message, capsy
     error = capsys.readouterr().err.strip()
     assert message in error
     assert len(error.splitlines()) == 1
+
+
+def test_init_from_weights_are_broadcast_from_rank0(problem):
+    """--init-from: rank 0 reads the trained reference run and broadcasts it; the losses are the single-process ones."""
+    single, parallel = problem["root"] / "init_single", problem["root"] / "init_parallel"
+    init = ("--init-from", str(problem["root"] / "single"))
+    assert main(train_command(problem["manifest"], problem["config"], single, 2, *init)) == 0
+    argv = train_command(problem["manifest"], problem["config"], parallel, 2, *init, "--parallel", "dp_shard=2")
+    assert run_distributed(train_on_rank, 2, args=(argv,)) == [0, 0]
+    assert logged_losses(parallel) == pytest.approx(logged_losses(single), rel=LOSS_RTOL)
+    assert logged_losses(single)[0] != pytest.approx(problem["losses"][0], rel=1e-3)  # the weights did change the start
+
+
+def test_config_section_parallel_is_read(problem, capsys):
+    config = problem["root"] / "parallel_config.json"
+    config.write_text(json.dumps({**CONFIG, "parallel": {"dp_shard": 2, "tp": 2}}))
+    assert main(train_command(problem["manifest"], config, problem["root"] / "bad_config", 1)) == 2
+    assert "= 4 ranks, but the job has 1" in capsys.readouterr().err
+    config.write_text(json.dumps({**CONFIG, "parallel": {"dp_shard": 2, "zero": 3}}))
+    assert main(train_command(problem["manifest"], config, problem["root"] / "bad_config", 1)) == 2
+    assert "unknown keys ['zero']" in capsys.readouterr().err

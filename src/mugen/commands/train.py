@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from mugen.commands.common import add_device, parse_size, resolve_device
@@ -184,7 +185,8 @@ def run_dit(args) -> int:
         print(f"trained {len(history)} curriculum steps; run folder {args.output}")
         return 0
     history = train_dit(spec, resume=not args.no_resume)
-    print(f"trained {len(history)} steps; run folder {args.output}")
+    if os.environ.get("RANK", "0") == "0":  # torchrun: one line per job, not per process
+        print(f"trained {len(history)} steps; run folder {args.output}")
     return 0
 
 

@@ -194,6 +194,8 @@ class Trainer:
     ``batch_sampler``: a ``ShapeBucketBatchSampler`` (position = epoch, batches consumed) or a
     ``BalancedBatchSampler`` (position = global units consumed; its ``micro_batches`` must equal
     ``config.grad_accum``).
+    ``strategy``: how the loss is reduced, gradients clipped, checkpoints saved/restored and who logs;
+    ``SingleProcess`` by default, ``distributed_run.DistributedStrategy`` on several processes.
     """
 
     def __init__(
