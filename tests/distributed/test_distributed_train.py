@@ -2,7 +2,8 @@
 
 The reference is the single-process `mugen train dit` on a tiny manifest (global batch 3). The same
 command on 2 processes, dp_shard=2 (rank 0 computes one sample of every batch, rank 1 two: an uneven
-split), tp=2 (both ranks the whole batch, weights split) or dp_shard=2,tp=2 on 4 processes must log the same per-step losses (rtol 1e-5, as in
+split), tp=2 (both ranks the whole batch, weights split), cp=2 (both ranks the whole batch, tokens
+split) or dp_shard=2,tp=2 on 4 processes must log the same per-step losses (rtol 1e-5, as in
 test_parallelize.py); a run stopped after 2 steps and resumed from its sharded checkpoint on the
 same layout must continue with the same losses.
 """
@@ -66,7 +67,7 @@ def problem(tmp_path_factory) -> dict:
 
 
 @pytest.mark.parametrize(
-    "layout, world_size, rank0_samples", [("dp_shard=2", 2, 1), ("tp=2", 2, BATCH), ("dp_shard=2,tp=2", 4, 1)]
+    "layout, world_size, rank0_samples", [("dp_shard=2", 2, 1), ("tp=2", 2, BATCH), ("cp=2", 2, BATCH), ("dp_shard=2,tp=2", 4, 1)]
 )
 def test_parallel_runs_give_single_process_losses(problem, layout, world_size, rank0_samples):
     output = problem["root"] / f"parallel_{layout.replace('=', '').replace(',', '_')}"
@@ -127,3 +128,15 @@ def test_config_section_parallel_is_read(problem, capsys):
     config.write_text(json.dumps({**CONFIG, "parallel": {"dp_shard": 2, "zero": 3}}))
     assert main(train_command(problem["manifest"], config, problem["root"] / "bad_config", 1)) == 2
     assert "unknown keys ['zero']" in capsys.readouterr().err
+
+
+def test_checkpoint_formats_are_not_mixed_up(problem, capsys):
+    """A one-process run folder is not resumed by a parallel job, nor a sharded one by one process."""
+    one_process = train_command(problem["manifest"], problem["config"], problem["root"] / "single", STEPS + 1, "--parallel", "dp_shard=2")
+    assert run_distributed(train_on_rank, 2, args=(one_process,)) == [2, 2]
+    sharded_run = problem["root"] / "sharded_run"
+    (sharded_run / "checkpoints" / "step_00000001").mkdir(parents=True)
+    (sharded_run / "checkpoints" / "step_00000001" / ".metadata").write_bytes(b"")  # DCP's index file
+    (sharded_run / "checkpoints" / "latest").write_text("step_00000001\n")
+    assert main(train_command(problem["manifest"], problem["config"], sharded_run, STEPS + 1)) == 2
+    assert "names a sharded checkpoint of a run on several processes" in capsys.readouterr().err

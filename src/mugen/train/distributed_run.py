@@ -174,8 +174,17 @@ class DistributedStrategy(SingleProcess):
         return self._checkpointer
 
     def latest_checkpoint(self, output_dir: Path) -> Path | None:
-        from mugen.distributed.checkpoint import latest_distributed_checkpoint
+        from mugen.distributed.checkpoint import DCP_METADATA_FILE, latest_distributed_checkpoint
+        from mugen.train.checkpoint import LATEST_FILE, MODEL_FILE, checkpoints_dir
 
+        latest = checkpoints_dir(output_dir) / LATEST_FILE
+        if latest.is_file():
+            named = latest.parent / latest.read_text().strip()
+            if (named / MODEL_FILE).is_file() and not (named / DCP_METADATA_FILE).is_file():
+                raise MugenError(
+                    f"{latest} names a one-process checkpoint; resume it on one process, or start the parallel run "
+                    f"from its weights with --init-from {output_dir} and a new --output"
+                )
         return latest_distributed_checkpoint(output_dir)
 
     def save(self, trainer: Trainer) -> Path:

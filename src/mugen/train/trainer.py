@@ -51,7 +51,9 @@ from mugen.data.loader import PrefetchLoader, move_to_device
 from mugen.data.sampling import ShapeBucketBatchSampler
 from mugen.errors import MugenError
 from mugen.train.checkpoint import (
+    LATEST_FILE,
     capture_rng_state,
+    checkpoints_dir,
     latest_checkpoint,
     load_checkpoint,
     restore_rng_state,
@@ -165,6 +167,12 @@ class SingleProcess:
         return float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
 
     def latest_checkpoint(self, output_dir: Path) -> Path | None:
+        latest = checkpoints_dir(output_dir) / LATEST_FILE
+        if latest.is_file() and (latest.parent / latest.read_text().strip() / ".metadata").is_file():  # DCP's index file
+            raise MugenError(
+                f"{latest} names a sharded checkpoint of a run on several processes; resume it with torchrun and "
+                "--parallel (any layout), or start a one-process run from its weights in a new --output"
+            )
         return latest_checkpoint(output_dir)
 
     def save(self, trainer: "Trainer") -> Path:
