@@ -5,7 +5,7 @@ command on 2 processes, dp_shard=2 (rank 0 computes one sample of every batch, r
 split), tp=2 (both ranks the whole batch, weights split), cp=2 (both ranks the whole batch, tokens
 split) or dp_shard=2,tp=2 on 4 processes must log the same per-step losses (rtol 1e-5, as in
 test_parallelize.py); a run stopped after 2 steps and resumed from its sharded checkpoint on the
-same layout must continue with the same losses.
+same layout (or on tp=2) must continue with the same losses.
 """
 
 from __future__ import annotations
@@ -26,8 +26,11 @@ STEPS = 4
 BATCH = 3
 LOSS_RTOL = 1e-5
 CONFIG = {
-    # log_every=1: metrics.jsonl holds every step's loss; grad_clip low enough to clip (tests clip_grad_norm_)
-    "train": {"lr": 1e-3, "log_every": 1, "checkpoint_every": 2, "prefetch": 0, "grad_clip": 0.5, "warmup_steps": 1},
+    # log_every=1: metrics.jsonl holds every step's loss; grad_clip low enough to clip (tests clip_grad_norm_);
+    # 2 micro-batches per step (gradient accumulation under FSDP2), 3 batches per epoch (steps cross epochs)
+    "train": {
+        "lr": 1e-3, "log_every": 1, "checkpoint_every": 2, "prefetch": 0, "grad_clip": 0.5, "warmup_steps": 1, "grad_accum": 2,
+    },
     "model": {"depth": 2},
 }
 
@@ -74,7 +77,8 @@ def test_parallel_runs_give_single_process_losses(problem, layout, world_size, r
     argv = train_command(problem["manifest"], problem["config"], output, STEPS, "--parallel", layout)
     assert run_distributed(train_on_rank, world_size, args=(argv,)) == [0] * world_size
     assert logged_losses(output) == pytest.approx(problem["losses"], rel=LOSS_RTOL)
-    assert logged(output, "samples") == [rank0_samples] * STEPS  # rank 0 logs the samples it computed
+    # rank 0 logs the samples it computed in the step's micro-batches
+    assert logged(output, "samples") == [rank0_samples * CONFIG["train"]["grad_accum"]] * STEPS
     checkpoints = output / "checkpoints"
     assert (checkpoints / "latest").read_text().strip() == f"step_{STEPS:08d}"
     assert (checkpoints / f"step_{STEPS:08d}" / ".metadata").is_file()  # sharded (DCP), not a single-file checkpoint
@@ -82,12 +86,14 @@ def test_parallel_runs_give_single_process_losses(problem, layout, world_size, r
     assert (output / "loss_curve.png").is_file()
 
 
-def test_resume_on_same_layout_continues_the_losses(problem):
-    output = problem["root"] / "resumed"
+@pytest.mark.parametrize("resume_layout", ["dp_shard=2", "tp=2"])
+def test_resume_continues_the_losses(problem, resume_layout):
+    """Stopped after 2 steps on dp_shard=2, resumed on the same layout or on another one (DCP reshards)."""
+    output = problem["root"] / f"resumed_{resume_layout.replace('=', '')}"
     first = train_command(problem["manifest"], problem["config"], output, 2, "--parallel", "dp_shard=2")
     assert run_distributed(train_on_rank, 2, args=(first,)) == [0, 0]
     assert logged_losses(output) == pytest.approx(problem["losses"][:2], rel=LOSS_RTOL)
-    second = train_command(problem["manifest"], problem["config"], output, STEPS, "--parallel", "dp_shard=2")
+    second = train_command(problem["manifest"], problem["config"], output, STEPS, "--parallel", resume_layout)
     assert run_distributed(train_on_rank, 2, args=(second,)) == [0, 0]
     assert logged_losses(output) == pytest.approx(problem["losses"], rel=LOSS_RTOL)
 

@@ -147,10 +147,10 @@ def run_dit(args) -> int:
         from mugen.train.distributed_run import parse_parallel
 
         parallel = {**(parallel or {}), **parse_parallel(args.parallel)}
-    if parallel is not None and "curriculum" in record:
+    if "curriculum" in record and (parallel is not None or os.environ.get("WORLD_SIZE", "1") != "1"):
         from mugen.errors import MugenError
 
-        raise MugenError("--parallel / config section 'parallel': curriculum runs are not wired for several processes yet")
+        raise MugenError("curriculum runs (config section 'curriculum') are not wired for several processes yet; run them on one process")
     vae_path = None
     if args.vae is not None:  # checked now, not when `mugen generate` first needs it
         from mugen.models.vae.loading import resolve_vae_path

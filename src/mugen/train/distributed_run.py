@@ -17,8 +17,12 @@ do not:
   (``DistributedCheckpointer``: atomic, ``latest``, resumable on the same or another layout), and
   only rank 0 writes logs, metrics and the loss curve.
 
+Tested on gloo/CPU against the single-process run (tests/distributed/test_distributed_train.py):
+dp_shard, tp, cp, dp_shard x tp, gradient accumulation, resume on the same or another layout.
 Not wired yet: pipeline stages (pp > 1), the balanced sampler, EMA/snapshots and curricula on
-several processes (each raises a MugenError naming the option).
+several processes (each raises a MugenError naming the option). Every rank reads the whole global
+batch (simple and deterministic; the data-loading cost is repeated per rank), and the per-timestep
+loss bins and ``samples`` in the logs are rank 0's share.
 """
 
 from __future__ import annotations
