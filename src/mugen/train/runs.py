@@ -243,7 +243,6 @@ def train_dit(spec: DiTRunSpec, resume: bool = True) -> list[dict]:
     from mugen.data.sampling import ShapeBucketBatchSampler
     from mugen.models.dit import MUGDiT
     from mugen.models.dit.io import write_run_config
-
     from mugen.train.distributed_run import parallel_run_for
 
     manifest = Path(spec.manifest)
