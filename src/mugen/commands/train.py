@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from mugen.commands.common import add_device, parse_size, resolve_device
@@ -36,6 +37,13 @@ def register(commands) -> None:
     dit.add_argument("--init-from", default=None, help="start from these weights with a fresh optimizer (e.g. a `mugen expand` output, seed §4.2.1)")
     dit.add_argument("--ema-decay", type=float, default=None, help="keep an online EMA of the weights (e.g. 0.999); exported to OUTPUT/ema (`mugen generate --use-ema`)")
     dit.add_argument("--snapshot-every", type=int, default=None, help="write snapshots/step_* every N steps, never pruned, for `mugen posthoc-ema` (seed §4.2.3)")
+    dit.add_argument(
+        "--parallel",
+        default=None,
+        metavar="AXIS=SIZE,...",
+        help="layout over the processes of a torchrun job (seed §5.1), e.g. dp_shard=2,tp=2; axes dp_replicate, dp_shard, "
+        "cp, tp (sizes multiply to WORLD_SIZE) and other ParallelConfig keys; default on N>1 processes: dp_shard=N",
+    )
     dit.add_argument("--power-ema-sigma-rel", type=float, action="append", default=None, help="widths of the power-function EMAs stored in each snapshot (repeatable; default 0.05 and 0.10)")
     _add_common(dit)
     dit.set_defaults(handler=run_dit)
@@ -134,6 +142,15 @@ def run_dit(args) -> int:
 
         raise MugenError("give --manifest (from `mugen encode`), or a --config whose 'curriculum' section names the manifests")
     averaging = record.get("averaging", {})
+    parallel = record.get("parallel")
+    if args.parallel is not None:
+        from mugen.train.distributed_run import parse_parallel
+
+        parallel = {**(parallel or {}), **parse_parallel(args.parallel)}
+    if "curriculum" in record and (parallel is not None or os.environ.get("WORLD_SIZE", "1") != "1"):
+        from mugen.errors import MugenError
+
+        raise MugenError("curriculum runs (config section 'curriculum') are not wired for several processes yet; run them on one process")
     vae_path = None
     if args.vae is not None:  # checked now, not when `mugen generate` first needs it
         from mugen.models.vae.loading import resolve_vae_path
@@ -159,6 +176,7 @@ def run_dit(args) -> int:
         ema_decay=args.ema_decay if args.ema_decay is not None else averaging.get("ema_decay"),
         snapshot_every=args.snapshot_every if args.snapshot_every is not None else averaging.get("snapshot_every", 0),
         power_ema_sigma_rels=tuple(args.power_ema_sigma_rel or averaging.get("power_ema_sigma_rels", (0.05, 0.10))),
+        parallel=parallel,
     )
     if "curriculum" in record:
         from mugen.train.curriculum_run import train_dit_curriculum
@@ -167,7 +185,8 @@ def run_dit(args) -> int:
         print(f"trained {len(history)} curriculum steps; run folder {args.output}")
         return 0
     history = train_dit(spec, resume=not args.no_resume)
-    print(f"trained {len(history)} steps; run folder {args.output}")
+    if os.environ.get("RANK", "0") == "0":  # torchrun: one line per job, not per process
+        print(f"trained {len(history)} steps; run folder {args.output}")
     return 0
 
 

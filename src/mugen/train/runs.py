@@ -52,9 +52,11 @@ def load_run_config(path: str | os.PathLike | None) -> dict:
         record = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise MugenError(f"config {path} is not valid JSON ({error})") from error
-    unknown = sorted(set(record) - {"train", "task", "model", "data", "curriculum", "averaging"})
+    unknown = sorted(set(record) - {"train", "task", "model", "data", "curriculum", "averaging", "parallel"})
     if unknown:
-        raise MugenError(f"config {path}: unknown sections {unknown}; use train, task, model, data, curriculum, averaging")
+        raise MugenError(f"config {path}: unknown sections {unknown}; use train, task, model, data, curriculum, averaging, parallel")
+    if not isinstance(record.get("parallel", {}), dict):
+        raise MugenError(f"config {path}: section 'parallel' must be an object like {{\"dp_shard\": 2, \"tp\": 2}}")
     averaging_keys = sorted(set(record.get("averaging", {})) - {"ema_decay", "snapshot_every", "power_ema_sigma_rels"})
     if averaging_keys:
         raise MugenError(f"config {path}: unknown keys {averaging_keys} in section 'averaging'; use ema_decay, snapshot_every, power_ema_sigma_rels")
@@ -91,6 +93,9 @@ class DiTRunSpec:
     ema_decay: float | None = None
     snapshot_every: int = 0
     power_ema_sigma_rels: tuple[float, ...] = (0.05, 0.10)
+    # Layout over several processes (``ParallelConfig`` keys, e.g. {"dp_shard": 2, "tp": 2}; seed §5.1),
+    # launched by torchrun; see distributed_run.py. None on one process = the single-process run.
+    parallel: dict | None = None
 
 
 EMA_DIR = "ema"
@@ -238,6 +243,7 @@ def train_dit(spec: DiTRunSpec, resume: bool = True) -> list[dict]:
     from mugen.data.sampling import ShapeBucketBatchSampler
     from mugen.models.dit import MUGDiT
     from mugen.models.dit.io import write_run_config
+    from mugen.train.distributed_run import parallel_run_for
 
     manifest = Path(spec.manifest)
     dataset = LatentTextDataset(manifest, cache_in_memory=spec.cache_in_memory)
@@ -245,12 +251,19 @@ def train_dit(spec: DiTRunSpec, resume: bool = True) -> list[dict]:
         raise MugenError(f"manifest {manifest} lists no samples; run `mugen encode` first")
     first = dataset[0]
     config, null_text, run_record = dit_run_setup(spec, first, manifest)
-    write_run_config(spec.output_dir, run_record)
-    torch.manual_seed(spec.train.seed)
-    model = MUGDiT(config)
-    log.info("MUG-DiT %s: %.2fM parameters", spec.preset, model.num_parameters / 1e6)
-    if spec.init_from:
-        initialise_from(model, spec.init_from)
+    parallel = parallel_run_for(spec)  # None: one process
+    if parallel is None or parallel.is_main:
+        write_run_config(spec.output_dir, run_record)
+
+    def initial_model():
+        torch.manual_seed(spec.train.seed)
+        model = MUGDiT(config)
+        log.info("MUG-DiT %s: %.2fM parameters", spec.preset, model.num_parameters / 1e6)
+        if spec.init_from:
+            initialise_from(model, spec.init_from)
+        return model
+
+    model = initial_model() if parallel is None else parallel.build_model(config, initial_model)
     keys = dataset.shape_keys()
     if spec.balanced:
         from mugen.data.balanced import BalancedBatchSampler, SampleCost, dit_tokens_for_shape_key
@@ -278,22 +291,30 @@ def train_dit(spec: DiTRunSpec, resume: bool = True) -> list[dict]:
 
     averages = WeightAverages(spec.output_dir, run_record, spec.ema_decay, spec.snapshot_every, spec.power_ema_sigma_rels)
 
+    task, flop_counter = DiTFlowTask(spec.task, null_text), DiTStepFlops(config)
+    if parallel is not None:
+        task, flop_counter = parallel.wrap_task(task), parallel.flop_counter(flop_counter)
     trainer = Trainer(
         model,
-        DiTFlowTask(spec.task, null_text),
+        task,
         dataset,
         sampler,
         collate_latent_batch,
         spec.train,
         spec.output_dir,
-        device=spec.device,
+        device=spec.device if parallel is None else parallel.device,
         resume=resume,
-        flop_counter=DiTStepFlops(config),
+        flop_counter=flop_counter,
         extra_state=averages.states if averages.enabled else None,
         on_step_end=averages.on_step_end if averages.enabled else None,
+        strategy=None if parallel is None else parallel.strategy(),
     )
     averages.attach(trainer.model)
-    history = trainer.fit()
+    try:
+        history = trainer.fit()
+    finally:
+        if parallel is not None:
+            parallel.close()
     averages.export_ema()
     return history
 

@@ -56,7 +56,9 @@ class DiTFlowTask:
         self.config = config
         self.null_text = null_text  # (1, L0, D): the features of the empty prompt
 
-    def compute_loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> LossOutput:
+    def compute_loss(self, model: nn.Module, batch: dict, generator: torch.Generator, rows: slice | None = None) -> LossOutput:
+        """``rows``: compute the loss of these samples only, with the noise, flow times and dropout
+        drawn for the whole batch (a data-parallel rank's share of a global batch, ``distributed_run.py``)."""
         cfg = self.config
         x0 = batch["latents"]  # (B, C, T, h, w), one shape per batch (shape buckets)
         batch_size, _, latent_frames, height, width = x0.shape
@@ -83,6 +85,11 @@ class DiTFlowTask:
         fps = batch.get("fps")
         if fps is not None:  # manifests without a frame rate (e.g. the official CSV) carry 0
             fps = torch.where(fps > 0, fps, torch.full_like(fps, model.config.default_fps))
+        if rows is not None:  # everything above was drawn for the whole batch: the same on every rank
+            x0, t, noise, weights = x0[rows], t[rows], noise[rows], weights[rows]
+            frame_cond_mask = None if frame_cond_mask is None else frame_cond_mask[rows]
+            text = TextFeatures(text.states[rows], text.mask[rows])
+            fps = None if fps is None else fps[rows]
         per_sample = flow_matching_loss(
             model_velocity_fn(model, text, fps), x0, t, noise, frame_cond_mask, sample_weight=weights
         )

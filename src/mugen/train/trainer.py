@@ -51,7 +51,9 @@ from mugen.data.loader import PrefetchLoader, move_to_device
 from mugen.data.sampling import ShapeBucketBatchSampler
 from mugen.errors import MugenError
 from mugen.train.checkpoint import (
+    LATEST_FILE,
     capture_rng_state,
+    checkpoints_dir,
     latest_checkpoint,
     load_checkpoint,
     restore_rng_state,
@@ -148,6 +150,46 @@ def micro_batch_seed(seed: int, step_index: int, micro_index: int) -> int:
     return derived_seed(seed, step_index, micro_index)
 
 
+class SingleProcess:
+    """How the Trainer reduces, clips, saves and restores on one process (the default strategy).
+
+    ``mugen.train.distributed_run.DistributedStrategy`` replaces it on several processes (an
+    all-reduced loss, DTensor-aware clipping, sharded checkpoints, logs on rank 0 only).
+    """
+
+    is_main = True  # this process writes logs, metrics and the loss curve
+
+    def loss_value(self, loss: Tensor) -> float:
+        """The micro-batch loss as logged (the whole batch's mean)."""
+        return float(loss.detach())
+
+    def clip_grad_norm(self, parameters: list[nn.Parameter], max_norm: float) -> float:
+        return float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
+
+    def latest_checkpoint(self, output_dir: Path) -> Path | None:
+        latest = checkpoints_dir(output_dir) / LATEST_FILE
+        if latest.is_file() and (latest.parent / latest.read_text().strip() / ".metadata").is_file():  # DCP's index file
+            raise MugenError(
+                f"{latest} names a sharded checkpoint of a run on several processes; resume it with torchrun and "
+                "--parallel (any layout), or start a one-process run from its weights in a new --output"
+            )
+        return latest_checkpoint(output_dir)
+
+    def save(self, trainer: "Trainer") -> Path:
+        return save_checkpoint(
+            trainer.output_dir,
+            trainer.step,
+            trainer.model,
+            trainer._training_state(),
+            meta={"config": asdict(trainer.config)},
+            keep_checkpoints=trainer.config.keep_checkpoints,
+        )
+
+    def load(self, trainer: "Trainer", checkpoint: Path) -> dict:
+        """Load the weights into ``trainer.model``; return the saved training state."""
+        return load_checkpoint(checkpoint, trainer.model, strict=True)
+
+
 class Trainer:
     """AdamW + LambdaLR loop over shape-bucketed batches with gradient accumulation and clipping.
 
@@ -160,6 +202,8 @@ class Trainer:
     ``batch_sampler``: a ``ShapeBucketBatchSampler`` (position = epoch, batches consumed) or a
     ``BalancedBatchSampler`` (position = global units consumed; its ``micro_batches`` must equal
     ``config.grad_accum``).
+    ``strategy``: how the loss is reduced, gradients clipped, checkpoints saved/restored and who logs;
+    ``SingleProcess`` by default, ``distributed_run.DistributedStrategy`` on several processes.
     """
 
     def __init__(
@@ -176,8 +220,10 @@ class Trainer:
         extra_state: Callable[[], dict[str, Stateful]] | None = None,
         on_step_end: Callable[[int, nn.Module], None] | None = None,
         flop_counter: Callable[[dict], tuple[float, float]] | None = None,
+        strategy: SingleProcess | None = None,
     ):
         config.validate()
+        self.strategy = strategy or SingleProcess()
         self._stream_sampler = bool(getattr(batch_sampler, "is_stream", False))
         if self._stream_sampler and batch_sampler.micro_batches != config.grad_accum:
             raise MugenError(
@@ -257,17 +303,10 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        return save_checkpoint(
-            self.output_dir,
-            self.step,
-            self.model,
-            self._training_state(),
-            meta={"config": asdict(self.config)},
-            keep_checkpoints=self.config.keep_checkpoints,
-        )
+        return self.strategy.save(self)
 
     def _restore(self, checkpoint: Path) -> None:
-        state = load_checkpoint(checkpoint, self.model, strict=True)
+        state = self.strategy.load(self, checkpoint)
         current_config = asdict(self.config)
         changed = [
             name
@@ -282,7 +321,8 @@ class Trainer:
                 "and losses will differ from an uninterrupted run",
                 stacklevel=2,
             )
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:  # a sharded checkpoint loads the optimizer in place (distributed_run.py)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self._apply_config_to_optimizer()
         self.batch_sampler.load_state_dict(state["sampler"])
@@ -302,7 +342,8 @@ class Trainer:
                 raise MugenError(f"Trainer: checkpoint {checkpoint} has no saved state for {missing}; resume=False starts over")
             for name, item in items.items():
                 item.load_state_dict(state["extra"][name])
-        restore_rng_state(state["rng"])
+        if "rng" in state:
+            restore_rng_state(state["rng"])
 
     def _apply_config_to_optimizer(self) -> None:
         """After loading optimizer/scheduler state, let this run's config set the hyper-parameters.
@@ -400,7 +441,7 @@ class Trainer:
             )
             with self._autocast():
                 output = self.task.compute_loss(self.model, batch, generator)
-            loss_value = float(output.loss.detach())
+            loss_value = self.strategy.loss_value(output.loss)
             if not math.isfinite(loss_value):
                 nonfinite = True  # no backward: the step is dropped anyway
             else:
@@ -415,7 +456,7 @@ class Trainer:
                 num_samples += int(output.per_sample.numel())
 
         max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self._trainable, max_norm))
+        grad_norm = self.strategy.clip_grad_norm(self._trainable, max_norm)
         nonfinite = nonfinite or not math.isfinite(grad_norm)
 
         if nonfinite:
@@ -458,7 +499,7 @@ class Trainer:
     def fit(self) -> list[dict]:
         """Train up to ``config.steps`` optimizer steps; returns one record per step of the whole run."""
         config = self.config
-        checkpoint = latest_checkpoint(self.output_dir) if self.resume else None
+        checkpoint = self.strategy.latest_checkpoint(self.output_dir) if self.resume else None
         if checkpoint is not None:
             self._restore(checkpoint)
         else:
@@ -467,7 +508,8 @@ class Trainer:
             torch.manual_seed(config.seed)
 
         if self.step >= config.steps:
-            write_loss_curve_png(self.history, self.output_dir / LOSS_CURVE_FILE)
+            if self.strategy.is_main:
+                write_loss_curve_png(self.history, self.output_dir / LOSS_CURVE_FILE)
             return self.history
 
         self.model.train()
@@ -478,7 +520,7 @@ class Trainer:
             log_every=config.log_every,
             timestep_bins=config.timestep_bins,
             peak_tflops=self.peak_tflops,
-        )
+        ) if self.strategy.is_main else _SilentLogger()
         batches = PrefetchLoader(self._batch_source(), device=self.device, depth=config.prefetch)
         try:
             while self.step < config.steps:
@@ -489,8 +531,22 @@ class Trainer:
         finally:
             batches.close()
             logger.close(self.step)
-        write_loss_curve_png(self.history, self.output_dir / LOSS_CURVE_FILE)
+        if self.strategy.is_main:
+            write_loss_curve_png(self.history, self.output_dir / LOSS_CURVE_FILE)
         return self.history
+
+
+class _SilentLogger:
+    """The logger of the ranks other than the main one: rank 0 writes the logs of a parallel run."""
+
+    def log_step(self, *args, **kwargs) -> None:
+        pass
+
+    def warn(self, message: str) -> None:
+        pass
+
+    def close(self, step: int) -> None:
+        pass
 
 
 def _as_list(value):
