@@ -47,6 +47,9 @@ VARIANTS = {  # name: (fused kernels, per-block compile, SDPA backend)
     "fused-eager-cudnn": (True, False, "cudnn"),
     "fused-eager-cudnn-bhnd": (True, False, "cudnn"),  # q/k/v written heads-first contiguous
     "compiled-cudnn": (False, True, "cudnn"),
+    # FlashAttention-4 for the self-attention (optional package, mugen.models.common.flash_attn4)
+    "fused-eager-fa4": (True, False, "fa4"),
+    "compiled-fa4": (False, True, "fa4"),
 }
 TEXT_TOKENS = 300
 HEAD_DIM = 72

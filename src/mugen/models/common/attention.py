@@ -14,7 +14,9 @@ torch's own choice (memory-efficient) cost ~110 ms more per 1B training step tha
 ``MUGEN_SDPA_BACKEND`` (``auto``, ``default``, ``cudnn``, ``flash``, ``efficient``, ``math``),
 :func:`set_sdpa_backend`, or per module (``ScaledDotProductAttention(backend="flash")``). A named
 backend is tried first for every call and the others follow as fall-backs; ``default`` leaves the
-choice to torch entirely.
+choice to torch entirely. ``fa4`` runs unmasked half-precision attention on Hopper or newer through the
+optional FlashAttention-4 kernels (``mugen.models.common.flash_attn4``, ``pip install flash-attn-4``)
+and everything else like ``cudnn``.
 
 cuDNN's backward is handed a gradient with the output's own strides (one copy when they differ):
 with heads-first q/k/v, the merged-heads reshape gives a gradient in another layout, and the cuDNN
@@ -39,7 +41,7 @@ _ORDER = {
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
     "math": SDPBackend.MATH,
 }
-SDPA_BACKENDS = ("auto", "default", *_ORDER)
+SDPA_BACKENDS = ("auto", "default", *_ORDER, "fa4")
 _BACKEND = os.environ.get("MUGEN_SDPA_BACKEND", "auto").strip().lower() or "auto"
 
 
@@ -68,6 +70,8 @@ def backend_priority(name: str, device: torch.device) -> list[SDPBackend] | None
     """The SDPA backends to try, in order, for ``name`` on ``device``; None = torch's default."""
     if device.type != "cuda" or name == "default":
         return None
+    if name == "fa4":
+        name = "cudnn"  # the calls FlashAttention-4 does not take (masked, fp32) go to cuDNN first
     if name == "auto":
         if not _is_hopper_or_newer(device.index if device.index is not None else torch.cuda.current_device()):
             return None
@@ -101,7 +105,13 @@ class ScaledDotProductAttention(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None) -> Tensor:
         # q (B, heads, N, hd), k/v (B, heads, L, hd), attn_mask broadcastable to (B, heads, N, L)
-        priority = backend_priority(self.backend or get_sdpa_backend(), q.device)
+        name = self.backend or get_sdpa_backend()
+        if name == "fa4":
+            from mugen.models.common.flash_attn4 import fa4_applies, fa4_attention
+
+            if fa4_applies(q, attn_mask):  # FlashAttention's layout is (B, tokens, heads, hd)
+                return fa4_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+        priority = backend_priority(name, q.device)
         if priority is None:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, N, hd)
         with sdpa_kernel(priority, set_priority=True):

@@ -1,0 +1,137 @@
+"""Optional FlashAttention-4 (CuTe DSL) attention, as torch custom ops (seed §5.3: attention kernels).
+
+MUG-DiT's head dim is 72. Torch's SDPA backends run it in 128-wide tiles on Hopper (cuDNN reached
+~337 TFLOP/s on the 10B release shapes, benchmarks/results/mugv_10b_i2v.md), which leaves attention
+as the floor of every speed target. FlashAttention-4 (the ``flash-attn-4`` package, a CuTe DSL
+kernel library with Hopper forward and backward kernels, JIT-compiled on first use) picks tiles for
+head dims up to 96 instead. mugen never requires it: it is used only when asked for
+(``MUGEN_SDPA_BACKEND=fa4`` or ``ScaledDotProductAttention(backend="fa4")``) and only for unmasked
+bf16/fp16 attention on a CUDA GPU of compute capability 9.0 or newer; every other call (the masked
+cross-attention to padded text, CPU, fp32) goes through SDPA as before.
+
+The kernels are wrapped as ``torch.library`` custom ops with fake (meta) implementations and a
+registered backward, so compiled blocks (``torch.compile``) keep them as single graph nodes instead
+of tracing into the DSL. Layout here is FlashAttention's: ``(B, tokens, heads, head_dim)``.
+Tested against flash-attn-4 4.0.0b36 (its ``flash_attn.cute.interface`` forward/backward entry points).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from mugen.errors import MugenError
+
+TESTED_VERSION = "4.0.0b36"
+
+
+@functools.lru_cache(maxsize=1)
+def _interface() -> ModuleType:
+    """``flash_attn.cute.interface``, or a clear error saying how to get it."""
+    try:
+        from flash_attn.cute import interface
+    except ImportError as error:
+        raise MugenError(
+            "attention backend 'fa4' needs FlashAttention-4: `pip install flash-attn-4` "
+            f"(tested with {TESTED_VERSION}; it brings nvidia-cutlass-dsl), or choose another backend "
+            f"(MUGEN_SDPA_BACKEND=auto). Import failed with: {error}"
+        ) from error
+    return interface
+
+
+def fa4_available() -> bool:
+    try:
+        _interface()
+    except MugenError:
+        return False
+    return True
+
+
+@torch.library.custom_op("mugen::fa4_attention_forward", mutates_args=())
+def _forward(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float) -> tuple[Tensor, Tensor]:
+    # q (B, N, H, D), k/v (B, L, H, D) -> out (B, N, H, Dv), lse (B, H, N) float32
+    result = _interface()._flash_attn_fwd(q, k, v, softmax_scale=softmax_scale, causal=False, return_lse=True)
+    return result[0].contiguous(), result[1].contiguous()  # the layouts the fake promises
+
+
+@_forward.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float) -> tuple[Tensor, Tensor]:
+    batch, tokens, heads, _ = q.shape
+    return q.new_empty(batch, tokens, heads, v.shape[-1]), q.new_empty((batch, heads, tokens), dtype=torch.float32)
+
+
+BACKWARD_HEAD_DIMS = (64, 96, 128)  # head dims whose Hopper backward matched fp32 math on an H100
+
+
+def backward_head_dim(head_dim: int) -> int:
+    """The head dim the backward runs at: ``head_dim`` itself when verified, else the next verified one."""
+    for verified in BACKWARD_HEAD_DIMS:
+        if head_dim <= verified:
+            return verified if head_dim != verified else head_dim
+    return head_dim
+
+
+def _pad_last(t: Tensor, size: int) -> Tensor:
+    """``t`` (..., d) zero-padded to (..., size), contiguous."""
+    if t.shape[-1] == size:
+        return t.contiguous()
+    return torch.nn.functional.pad(t, (0, size - t.shape[-1])).contiguous()
+
+
+@torch.library.custom_op("mugen::fa4_attention_backward", mutates_args=())
+def _backward(
+    q: Tensor, k: Tensor, v: Tensor, out: Tensor, grad_out: Tensor, lse: Tensor, softmax_scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    # The Hopper backward of flash-attn-4 4.0.0b12 returned a wrong dq (relative error ~1) for head
+    # dims 72 and 80 on an H100, right ones for 64, 96 and 128 (benchmarks/results/fa4_attention.md).
+    # Zero columns change neither the scores nor the softmax, so the backward runs on operands padded
+    # to a head dim it gets right, and the padding is cut off the gradients.
+    head_dim = q.shape[-1]
+    padded = backward_head_dim(head_dim)
+    q, k, v, out, grad_out = (_pad_last(t, padded) for t in (q, k, v, out, grad_out))
+    result = _interface()._flash_attn_bwd(q, k, v, out, grad_out, lse, softmax_scale, False)
+    return tuple(g[..., :head_dim].contiguous() for g in result[:3])
+
+
+@_backward.register_fake
+def _(q, k, v, out, grad_out, lse, softmax_scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, softmax_scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.softmax_scale = softmax_scale
+
+
+def _autograd_backward(ctx, grad_out: Tensor, grad_lse: Tensor | None):
+    q, k, v, out, lse = ctx.saved_tensors
+    grad_q, grad_k, grad_v = _backward(q, k, v, out, grad_out, lse, ctx.softmax_scale)
+    return grad_q, grad_k, grad_v, None
+
+
+_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def fa4_attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float | None = None) -> Tensor:
+    """``softmax(q k^T * scale) v`` without a mask, FlashAttention-4 kernels.
+
+    q (B, N, heads, hd), k/v (B, L, heads, hd) in bf16 or fp16 -> (B, N, heads, hd).
+    """
+    if q.dim() != 4 or k.shape != v.shape[:-1] + (k.shape[-1],) or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise MugenError(f"fa4_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} are not (B, tokens, heads, head_dim) alike")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    out, _ = _forward(q, k, v, scale)
+    return out
+
+
+def fa4_applies(q: Tensor, attn_mask: Tensor | None) -> bool:
+    """Whether a call can run on FlashAttention-4: unmasked, half precision, CUDA compute capability >= 9.0."""
+    if attn_mask is not None or not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16) or q.shape[-1] % 8:
+        return False
+    return torch.cuda.get_device_capability(q.device) >= (9, 0)

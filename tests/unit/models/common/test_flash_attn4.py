@@ -1,0 +1,135 @@
+"""The FlashAttention-4 custom ops: layout, autograd and compile plumbing, with the kernels replaced by
+a float64 stand-in (the real kernels need a Hopper GPU; benchmarks/results/ holds their GPU runs)."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mugen.errors import MugenError
+from mugen.models.common import flash_attn4
+from mugen.models.common.attention import ScaledDotProductAttention, backend_priority
+
+
+def _stand_in_interface() -> types.ModuleType:
+    """flash_attn.cute.interface's two entry points, computed in float64 on (B, N, H, D) tensors."""
+    calls = {"fwd": 0, "bwd": 0}
+
+    def scores(q, k, scale):
+        return torch.einsum("bnhd,blhd->bhnl", q.double(), k.double()) * scale  # (B, H, N, L)
+
+    def _flash_attn_fwd(q, k, v, softmax_scale=None, causal=False, return_lse=False):
+        assert not causal and q.stride(-1) == 1
+        calls["fwd"] += 1
+        s = scores(q, k, softmax_scale)
+        lse = torch.logsumexp(s, dim=-1)  # (B, H, N)
+        out = torch.einsum("bhnl,blhd->bnhd", torch.softmax(s, dim=-1), v.double())
+        return out.to(q.dtype).contiguous(), lse.float(), None, None, None
+
+    def _flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale, causal):
+        calls["bwd"] += 1
+        p = torch.exp(scores(q, k, softmax_scale) - lse.double()[..., None])  # (B, H, N, L) from the saved lse
+        dout = dout.double()
+        dv = torch.einsum("bhnl,bnhd->blhd", p, dout)
+        dp = torch.einsum("bnhd,blhd->bhnl", dout, v.double())
+        ds = p * (dp - (dp * p).sum(-1, keepdim=True)) * softmax_scale
+        dq = torch.einsum("bhnl,blhd->bnhd", ds, k.double())
+        dk = torch.einsum("bhnl,bnhd->blhd", ds, q.double())
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+    module = types.ModuleType("stand_in_interface")
+    module._flash_attn_fwd, module._flash_attn_bwd, module.calls = _flash_attn_fwd, _flash_attn_bwd, calls
+    return module
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    interface = _stand_in_interface()
+    monkeypatch.setattr(flash_attn4, "_interface", lambda: interface)
+    return interface
+
+
+def _qkv(generator, batch=2, tokens=13, keys=11, heads=3, head_dim=24):
+    q = torch.randn(batch, heads, tokens, head_dim, generator=generator)
+    k = torch.randn(batch, heads, keys, head_dim, generator=generator)
+    v = torch.randn(batch, heads, keys, head_dim, generator=generator)
+    return [t.requires_grad_() for t in (q, k, v)]
+
+
+def test_output_and_gradients_equal_sdpa_in_the_heads_first_layout(stand_in):
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = _qkv(generator)
+    grad = torch.randn(2, 3, 13, 24, generator=generator)
+    expected = F.scaled_dot_product_attention(q, k, v)
+    expected_grads = torch.autograd.grad(expected, (q, k, v), grad)
+    # the model's call: heads-first tensors viewed as FlashAttention's (B, tokens, heads, hd)
+    out = flash_attn4.fa4_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    assert stand_in.calls == {"fwd": 1, "bwd": 1}
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_compiled_function_keeps_the_kernel_as_one_op(stand_in):
+    generator = torch.Generator().manual_seed(1)
+    q, k, v = _qkv(generator, tokens=9, keys=9)
+
+    def block(q, k, v):
+        return flash_attn4.fa4_attention(q, k, v, softmax_scale=0.3).sum(dim=2) * 2.0
+
+    args = [t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v)]
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    out = compiled(*args)
+    out.square().sum().backward()
+    eager_args = [t.detach().clone().requires_grad_() for t in args]
+    eager = block(*eager_args)
+    eager.square().sum().backward()
+    torch.testing.assert_close(out, eager)
+    for a, b in zip(args, eager_args):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_fake_implementations_match_the_real_outputs(stand_in):
+    q, k, v = (torch.randn(1, 5, 2, 16, dtype=torch.float32) for _ in range(3))
+    torch.library.opcheck(flash_attn4._forward, (q, k, v, 0.25), test_utils=("test_schema", "test_faketensor"))
+    out, lse = flash_attn4._forward(q, k, v, 0.25)
+    torch.library.opcheck(
+        flash_attn4._backward, (q, k, v, out, torch.randn_like(out), lse, 0.25), test_utils=("test_schema", "test_faketensor")
+    )
+
+
+def test_shape_mismatch_is_a_clear_error(stand_in):
+    q = torch.randn(1, 4, 2, 8)
+    with pytest.raises(MugenError, match="fa4_attention"):
+        flash_attn4.fa4_attention(q, torch.randn(1, 4, 3, 8), torch.randn(1, 4, 3, 8))
+
+
+def test_missing_package_names_it_and_the_way_out(monkeypatch):
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # an import of it fails
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", None)
+    flash_attn4._interface.cache_clear()
+    try:
+        with pytest.raises(MugenError, match="pip install flash-attn-4.*MUGEN_SDPA_BACKEND=auto"):
+            flash_attn4._interface()
+        assert not flash_attn4.fa4_available()
+    finally:
+        flash_attn4._interface.cache_clear()
+
+
+def test_calls_fa4_does_not_take_go_through_sdpa(stand_in):
+    """On the CPU, in fp32 or with a mask, the 'fa4' backend is SDPA: same numbers, no kernel call."""
+    generator = torch.Generator().manual_seed(2)
+    q, k, v = _qkv(generator)
+    mask = torch.rand(2, 1, 1, 11, generator=generator) > 0.3
+    mask[..., 0] = True
+    attention = ScaledDotProductAttention(backend="fa4")
+    for attn_mask in (None, mask):
+        torch.testing.assert_close(attention(q, k, v, attn_mask), F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask))
+    assert stand_in.calls == {"fwd": 0, "bwd": 0}
+    assert not flash_attn4.fa4_applies(q.to(torch.bfloat16), None)  # CPU
+    assert backend_priority("fa4", torch.device("cpu")) is None
