@@ -53,6 +53,11 @@ class StrategyDemoConfig:
     # wrong way part of the time and DPO on detector-labelled pairs has something to correct.
     seeds_per_spec: int = 2
     direction_caption_noise: float = 0.5
+    # colour_caption_noise: the same for the colour named in the caption (drawn independently), so
+    # the SFT model often paints the wrong colour and KTO's pass/fail labels have something to fix.
+    colour_caption_noise: float = 0.0
+    # What KTO's binary label checks: "colour_and_shape" (both right) or "colour" (colour right).
+    kto_label: str = "colour_and_shape"
     batch_size: int = 16
     lr: float = 1e-3
     # 1. expansion: narrow -> x2 wide (head dim kept: heads double)
@@ -105,6 +110,31 @@ def heldout_prompt(spec) -> bool:
     from mugen.data.synthetic import COLOURS, DIRECTIONS, SHAPES
 
     return (SHAPES.index(spec.shape) + list(COLOURS).index(spec.colour) + list(DIRECTIONS).index(spec.direction)) % 4 == 0
+
+
+KTO_LABELS = ("colour_and_shape", "colour")
+
+
+def noisy_caption_spec(spec, rng: random.Random, direction_noise: float, colour_rng: random.Random, colour_noise: float):
+    """The spec a training caption describes: with probability ``direction_noise`` a wrong direction,
+    with probability ``colour_noise`` (drawn from ``colour_rng``) a wrong colour; the clip is ``spec``'s."""
+    from mugen.data.synthetic import COLOURS, DIRECTIONS
+
+    caption_spec = spec
+    if rng.random() < direction_noise:
+        caption_spec = replace(caption_spec, direction=rng.choice([d for d in DIRECTIONS if d != spec.direction]))
+    if colour_noise > 0 and colour_rng.random() < colour_noise:
+        caption_spec = replace(caption_spec, colour=colour_rng.choice([c for c in COLOURS if c != spec.colour]))
+    return caption_spec
+
+
+def kto_label_ok(label: str, spec, found) -> bool:
+    """KTO's binary label of one generated clip against its prompt's spec (``found``: the detector's reading)."""
+    if label == "colour_and_shape":
+        return found.colour == spec.colour and found.shape == spec.shape
+    if label == "colour":
+        return found.colour == spec.colour
+    raise MugenError(f"strategy demo: kto_label {label!r} is unknown; use one of {', '.join(KTO_LABELS)}")
 
 
 def _timer(timings: dict, name: str):
@@ -170,7 +200,7 @@ def _adherence(pipeline, specs, config: StrategyDemoConfig, sheet_dir: Path | No
 
 def run_strategy_demo(output_dir: str | Path, config: StrategyDemoConfig) -> Path:
     from mugen.data.encode import EncodeSample, encode_samples
-    from mugen.data.synthetic import DIRECTIONS, all_specs, render_procedural_clip
+    from mugen.data.synthetic import all_specs, render_procedural_clip
     from mugen.eval.procedural import detect_procedural
     from mugen.infer.pipeline import MugenVideoPipeline
     from mugen.models.dit.io import load_dit
@@ -186,6 +216,8 @@ def run_strategy_demo(output_dir: str | Path, config: StrategyDemoConfig) -> Pat
 
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise MugenError("mugen strategy-demo --device cuda: no CUDA GPU is visible; use --device cpu")
+    if config.kto_label not in KTO_LABELS:
+        raise MugenError(f"mugen strategy-demo: kto_label={config.kto_label!r} is unknown; use one of {', '.join(KTO_LABELS)}")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -210,18 +242,16 @@ def run_strategy_demo(output_dir: str | Path, config: StrategyDemoConfig) -> Pat
     with _timer(timings, "encode"):
         text_encoder = build_text_encoder(config.text_encoder, device=config.device)
 
-        def samples(seeds, tag, noise):
+        def samples(seeds, tag, noise, colour_noise=0.0):
             rng = random.Random(f"{tag}-captions")
+            colour_rng = random.Random(f"{tag}-colour-captions")  # apart, so direction noise is unchanged
             for seed in seeds:
                 for spec in specs:
-                    caption_spec = spec
-                    if rng.random() < noise:  # a wrong direction in the caption
-                        wrong = [d for d in DIRECTIONS if d != spec.direction]
-                        caption_spec = replace(spec, direction=rng.choice(wrong))
+                    caption_spec = noisy_caption_spec(spec, rng, noise, colour_rng, colour_noise)
                     video = render_procedural_clip(spec, config.clip_frames, *size, seed=seed)
                     yield EncodeSample(f"{tag}-{spec.shape}-{spec.colour}-{spec.direction}-{seed}", "procedural", video, caption_spec.caption(), config.fps)
 
-        train_manifest = encode_samples(samples(range(config.seeds_per_spec), "train", config.direction_caption_noise), vae, text_encoder, out / "latents", device=config.device, total=config.seeds_per_spec * len(specs))
+        train_manifest = encode_samples(samples(range(config.seeds_per_spec), "train", config.direction_caption_noise, config.colour_caption_noise), vae, text_encoder, out / "latents", device=config.device, total=config.seeds_per_spec * len(specs))
         val_manifest = encode_samples(samples([70_000], "val", 0.0), vae, text_encoder, out / "val_latents", device=config.device, total=len(specs))
         validation = _padded_validation_samples(val_manifest)
 
@@ -280,6 +310,7 @@ def run_strategy_demo(output_dir: str | Path, config: StrategyDemoConfig) -> Pat
                     "latents": latent,
                     "direction_ok": found.direction == spec.direction,
                     "colour_shape_ok": found.colour == spec.colour and found.shape == spec.shape,
+                    "kto_ok": kto_label_ok(config.kto_label, spec, found),
                 })
         dpo_entries, kto_entries = [], []
         for i, generated in by_spec.items():
@@ -289,12 +320,14 @@ def run_strategy_demo(output_dir: str | Path, config: StrategyDemoConfig) -> Pat
             for w, l in zip(good, bad):
                 dpo_entries.append({**common, "latents_w": w["latents"], "latents_l": l["latents"], "source": "motion_direction"})
             for g in generated:
-                kto_entries.append({**common, "latents": g["latents"], "label": int(g["colour_shape_ok"]), "source": "colour_shape"})
+                kto_entries.append({**common, "latents": g["latents"], "label": int(g["kto_ok"]), "source": config.kto_label})
         preference_stats = {
             "train_prompts": len(train_specs),
             "samples_per_prompt": config.samples_per_prompt,
             "sft_direction_rate_on_train_prompts": sum(g["direction_ok"] for v in by_spec.values() for g in v) / sum(len(v) for v in by_spec.values()),
             "sft_colour_shape_rate_on_train_prompts": sum(g["colour_shape_ok"] for v in by_spec.values() for g in v) / sum(len(v) for v in by_spec.values()),
+            "kto_label": config.kto_label,
+            "sft_kto_label_rate_on_train_prompts": sum(g["kto_ok"] for v in by_spec.values() for g in v) / sum(len(v) for v in by_spec.values()),
             "dpo_pairs": len(dpo_entries),
             "kto_samples": len(kto_entries),
             "kto_desirable": sum(e["label"] for e in kto_entries),
@@ -370,11 +403,13 @@ def write_strategy_report(out: Path, results: dict) -> Path:
         "## 2./3. Preference optimisation on held-out prompts (seed §4.2.3)",
         "",
         f"The SFT captions name a wrong direction of motion for {results['config']['direction_caption_noise']:.0%} of the training clips "
-        "(noisy captions), so the SFT model does not always move the prompted way.",
+        f"(noisy captions), so the SFT model does not always move the prompted way; {results['config'].get('colour_caption_noise', 0.0):.0%} "
+        "name a wrong colour.",
         "",
         f"Preference data from the expanded (SFT) model on {results['preference_data']['train_prompts']} training prompts: "
         f"{results['preference_data']['dpo_pairs']} DPO pairs (prompted direction preferred over a wrong one), "
-        f"{results['preference_data']['kto_samples']} KTO samples ({results['preference_data']['kto_desirable']} desirable: colour and shape right).",
+        f"{results['preference_data']['kto_samples']} KTO samples ({results['preference_data']['kto_desirable']} desirable: "
+        f"{results['config'].get('kto_label', 'colour_and_shape').replace('_', ' ')} right).",
         "",
         "| model | n | direction | colour and shape | colour | shape | all three |",
         "|---|---|---|---|---|---|---|",
