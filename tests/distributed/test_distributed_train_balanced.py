@@ -12,7 +12,8 @@ first step holds two odd-sized ones (3 images + 1 video).
   other's, never worse than the plain contiguous split (DataParallelShare's) and better on a step
   where that split is lopsided; the run logs that imbalance (``rank_cost_imbalance``) and rank 0's
   number of samples matches the split.
-* A run stopped after 2 steps and resumed from its sharded checkpoint logs the same third loss.
+* A run stopped after 2 steps and resumed from its sharded checkpoint (on dp_shard=2 or tp=2) logs the
+  same third loss.
 """
 
 from __future__ import annotations
@@ -125,10 +126,12 @@ def test_balanced_parallel_run_gives_single_process_losses_and_even_costs(proble
     assert logged(output, "samples") == rank0_rows
 
 
-def test_balanced_parallel_run_resumes_exactly(problem):
-    output = problem["root"] / "dp_shard2_resumed"
-    for steps in (2, STEPS):
-        argv = train_command(problem, output, steps, "--parallel", "dp_shard=2")
+@pytest.mark.parametrize("resume_layout", ["dp_shard=2", "tp=2"])
+def test_balanced_parallel_run_resumes_exactly(problem, resume_layout):
+    """Stopped after 2 steps on dp_shard=2, resumed on the same layout or on tp=2 (the global position carries over)."""
+    output = problem["root"] / f"resumed_{resume_layout.replace('=', '')}"
+    for steps, layout in ((2, "dp_shard=2"), (STEPS, resume_layout)):
+        argv = train_command(problem, output, steps, "--parallel", layout)
         assert run_distributed(train_on_rank, 2, args=(argv,)) == [0, 0]
     assert logged(output, "loss") == pytest.approx(problem["losses"], rel=LOSS_RTOL)
     state = json.loads((output / "checkpoints" / f"step_{STEPS:08d}" / "meta.json").read_text())

@@ -16,13 +16,31 @@ do not:
   batch's (all-reduced), clipping is DTensor-aware, checkpoints are sharded
   (``DistributedCheckpointer``: atomic, ``latest``, resumable on the same or another layout), and
   only rank 0 writes logs, metrics and the loss curve.
+* ``--balanced`` (seed §5.2): every rank reads the global step of the single-process balanced run
+  (micro-batches of near-equal cost, one shape each) and ``BalancedDataParallelShare`` splits each
+  micro-batch's rows so every data-parallel rank's step cost is within one sample's cost of the
+  others' (``mugen.data.balanced.split_rows``), weighted so the gradient stays the single-process
+  run's. The sampler's state is the global position, so a run resumes exactly on any layout.
+  Not used: the sampler's own per-rank plan (``world_size`` = data-parallel ranks, whole
+  micro-batches per rank). It would change the global step (dp x grad_accum micro-batches) and the
+  per-micro-batch random seeds, so the run would not reproduce the single-process one; and FSDP
+  syncs every micro-batch layer by layer, so equal rows of each micro-batch per rank is the balance
+  that removes waiting. A micro-batch with fewer rows than ranks (a bucket's last one) leaves some
+  ranks a zero-weight row (computed, times 0).
+* ``--ema-decay`` / ``--snapshot-every`` (seed §4.2.3): ``ShardedWeightAverages`` keeps the online
+  EMA and the power-function EMAs as DTensors beside the parameter shards (updated locally after
+  every optimizer step), saves them in the sharded checkpoint (``AveragesCheckpointer``: resumed on
+  any layout), and gathers them to rank 0 for the files of the single-process run
+  (``snapshots/step_*``, ``ema/``): `mugen posthoc-ema`, `mugen generate` and ``load_dit`` read them
+  unchanged.
 
-Tested on gloo/CPU against the single-process run (tests/distributed/test_distributed_train.py):
-dp_shard, tp, cp, dp_shard x tp, gradient accumulation, resume on the same or another layout.
-Not wired yet: pipeline stages (pp > 1), the balanced sampler, EMA/snapshots and curricula on
-several processes (each raises a MugenError naming the option). Every rank reads the whole global
-batch (simple and deterministic; the data-loading cost is repeated per rank), and the per-timestep
-loss bins and ``samples`` in the logs are rank 0's share.
+Tested on gloo/CPU against the single-process run (tests/distributed/test_distributed_train.py,
+test_distributed_train_averages.py, test_distributed_train_balanced.py): dp_shard, tp, cp,
+dp_shard x tp, gradient accumulation, resume on the same or another layout, EMA and snapshots
+(dp_shard, tp, resumed), balanced batches (dp_shard, resumed). Not wired yet: pipeline stages
+(pp > 1) and curricula on several processes (each raises a MugenError). Every rank reads the whole
+global batch (simple and deterministic; the data-loading cost is repeated per rank), and the
+per-timestep loss bins and ``samples`` in the logs are rank 0's share.
 """
 
 from __future__ import annotations
