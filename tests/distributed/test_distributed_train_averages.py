@@ -131,3 +131,28 @@ def test_posthoc_ema_runs_on_the_parallel_snapshots(problem, dp_shard_run, metho
         assert model.num_parameters > 0
     for name, tensor in results["single"].items():
         torch.testing.assert_close(results["parallel"][name], tensor, atol=ATOL, rtol=RTOL)
+
+
+def resume_without_saved_averages(rank: int, world_size: int, output_dir: str) -> str:
+    from parallel_training import tiny_dit
+
+    from mugen.distributed import DistributedCheckpointer, build_mesh, parallelize_dit
+    from mugen.distributed.ema import AveragesCheckpointer
+    from mugen.distributed.mesh import ParallelConfig
+    from mugen.errors import MugenError
+    from mugen.train.ema import EMA, PowerFunctionEMA
+
+    config = ParallelConfig(param_dtype="fp32", dp_shard=2)
+    model = parallelize_dit(tiny_dit(), build_mesh(config, device_type="cpu"), config)
+    DistributedCheckpointer(output_dir, model).save(1, {})
+    averages = {"ema": EMA(model, 0.9), "power_ema_0.0500": PowerFunctionEMA(model, 0.05)}
+    try:
+        AveragesCheckpointer(output_dir, model, averages=averages).load()
+    except MugenError as error:
+        return str(error)
+    return "loaded"
+
+
+def test_resuming_a_checkpoint_without_averages_is_a_clear_error(tmp_path):
+    messages = run_distributed(resume_without_saved_averages, 2, args=(str(tmp_path),))
+    assert all("holds no ema, power_ema_0.0500: it was saved without them" in message for message in messages), messages

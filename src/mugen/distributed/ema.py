@@ -84,17 +84,20 @@ class AveragesCheckpointer(DistributedCheckpointer):
 
     def load(self, checkpoint_dir: str | os.PathLike | None = None, restore_rng: bool = True) -> dict | None:
         """Load model, optimizer and averages in place; returns the training state (without the averages' scalars)."""
-        try:
-            return super().load(checkpoint_dir, restore_rng)
-        except Exception as error:  # noqa: BLE001 - DCP raises several kinds for missing keys
-            missing = [name for name in self.averages if f"{name}." in str(error)]
-            if missing and not isinstance(error, MugenError):
+        import torch.distributed.checkpoint as dcp
+
+        from mugen.distributed.checkpoint import DCP_METADATA_FILE, latest_distributed_checkpoint
+
+        path = Path(checkpoint_dir) if checkpoint_dir is not None else latest_distributed_checkpoint(self.root.parent)
+        if path is not None and (path / DCP_METADATA_FILE).is_file():
+            saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+            missing = [name for name in self.averages if not any(key.startswith(f"{name}.") for key in saved)]
+            if missing:
                 raise MugenError(
-                    f"checkpoint: {checkpoint_dir or 'the latest step'} holds no {', '.join(missing)} "
-                    f"({error.__class__.__name__}); it was saved without them: resume with the averaging options it "
-                    "was trained with, or start a new run from its weights (--init-from)"
-                ) from error
-            raise
+                    f"checkpoint {path} holds no {', '.join(missing)}: it was saved without them; resume with the "
+                    "averaging options it was trained with, or start a new run from its weights (--init-from)"
+                )
+        return super().load(path, restore_rng)
 
 
 class EMACheckpointer(AveragesCheckpointer):
