@@ -65,10 +65,16 @@ class AveragesCheckpointer(DistributedCheckpointer):
                  async_save: bool = False, layout: dict | None = None, keep_checkpoints: int = 0):
         super().__init__(output_dir, model, optimizer, async_save=async_save, layout=layout, keep_checkpoints=keep_checkpoints)
         if not averages:
-            raise MugenError("AveragesCheckpointer: pass averages={name: EMA(model, ...)} built after parallelize_dit; use DistributedCheckpointer without any")
+            raise MugenError(
+                "AveragesCheckpointer: pass averages={name: EMA(model, ...)} built after parallelize_dit; "
+                "use DistributedCheckpointer without any"
+            )
         not_averages = sorted(name for name, average in averages.items() if not isinstance(average, EMA))
         if not_averages:
-            raise MugenError(f"AveragesCheckpointer: {not_averages} are not weight averages (mugen.train.ema.EMA); only those are checkpointed sharded")
+            raise MugenError(
+                f"AveragesCheckpointer: {not_averages} are not weight averages (mugen.train.ema.EMA); "
+                "only those are checkpointed sharded"
+            )
         self.averages = dict(averages)
 
     def extra_tensors_view(self) -> dict:
@@ -164,7 +170,10 @@ def save_gathered_weights(full: dict[str, Tensor], model: nn.Module, path: str |
     for name, tensor in model.state_dict(keep_vars=True).items():
         source = source_of.get(id(tensor), name)
         if source not in full:
-            raise MugenError(f"save_gathered_weights: state dict entry {name} is not among the gathered weights; gather the model's own tensors")
+            raise MugenError(
+                f"save_gathered_weights: state dict entry {name} is not among the gathered weights; "
+                "gather the model's own tensors"
+            )
         if source in stored_as:  # tied weights: stored once
             aliases[name] = stored_as[source]
             continue
