@@ -28,6 +28,13 @@ nothing is dropped or padded.
 
 With tensor/context/pipeline parallelism, ``world_size`` and ``rank`` are the *data-parallel* size
 and rank (ranks of one model replica draw the same batches).
+
+`mugen train dit` on several processes plans the *global* step instead (``world_size=1``: every
+rank reads the same micro-batches as the single-process run) and splits the rows of each
+micro-batch over the data-parallel ranks with ``split_rows``: equal counts, and the rows left
+over go to the ranks with the least cost so far in the step, so each rank's step cost is within
+one sample's cost of every other's and the gradients stay those of the single-process run
+(``mugen.train.distributed_run.BalancedDataParallelShare``).
 """
 
 from __future__ import annotations
@@ -129,6 +136,32 @@ def assign_longest_first(unit_costs: Sequence[float], ranks: int, per_rank: int)
     return assigned
 
 
+def split_rows(rows: int, row_cost: float, loads: list[float]) -> list[int]:
+    """Rows of one micro-batch per rank: ``rows // ranks`` each, the remainder to the least loaded ranks.
+
+    ``loads`` (one per rank, the cost each took so far in this step) is updated in place with
+    ``count * row_cost``. Ties go to the lower rank. Fed the micro-batches of a step one after the
+    other, it keeps max(loads) - min(loads) <= the largest ``row_cost`` (each remainder row goes to
+    a rank at the bottom, and every rank gets the same number of the other rows).
+    """
+    if rows < 0 or row_cost < 0 or not loads:
+        raise MugenError(f"split_rows: rows={rows} and row_cost={row_cost} must be >= 0 and loads non-empty")
+    ranks = len(loads)
+    counts = [rows // ranks] * ranks
+    for rank in sorted(range(ranks), key=lambda r: (loads[r], r))[: rows % ranks]:
+        counts[rank] += 1
+    for rank, count in enumerate(counts):
+        loads[rank] += count * row_cost
+    return counts
+
+
+def row_split_plan(batch_sizes: Sequence[int], row_costs: Sequence[float], ranks: int) -> tuple[list[list[int]], list[float]]:
+    """``split_rows`` over the micro-batches of one step: (counts[micro][rank], cost per rank)."""
+    loads = [0.0] * ranks
+    counts = [split_rows(int(size), float(cost), loads) for size, cost in zip(batch_sizes, row_costs)]
+    return counts, loads
+
+
 class BalancedBatchSampler:
     """Yields this rank's micro-batches (lists of dataset indices, one shape each), step after step, forever.
 
@@ -212,6 +245,10 @@ class BalancedBatchSampler:
     def __len__(self) -> int:
         """Units (micro-batches over all ranks) per epoch."""
         return self.units_per_epoch
+
+    def sample_cost(self, index: int) -> float:
+        """Cost of dataset sample ``index`` under this sampler's cost model."""
+        return float(self._sample_costs[int(index)])
 
     def bucket_batch_size(self, key: Hashable) -> int:
         return self.bucket_batch_sizes[self._bucket_keys.index(key)]

@@ -16,13 +16,31 @@ do not:
   batch's (all-reduced), clipping is DTensor-aware, checkpoints are sharded
   (``DistributedCheckpointer``: atomic, ``latest``, resumable on the same or another layout), and
   only rank 0 writes logs, metrics and the loss curve.
+* ``--balanced`` (seed §5.2): every rank reads the global step of the single-process balanced run
+  (micro-batches of near-equal cost, one shape each) and ``BalancedDataParallelShare`` splits each
+  micro-batch's rows so every data-parallel rank's step cost is within one sample's cost of the
+  others' (``mugen.data.balanced.split_rows``), weighted so the gradient stays the single-process
+  run's. The sampler's state is the global position, so a run resumes exactly on any layout.
+  Not used: the sampler's own per-rank plan (``world_size`` = data-parallel ranks, whole
+  micro-batches per rank). It would change the global step (dp x grad_accum micro-batches) and the
+  per-micro-batch random seeds, so the run would not reproduce the single-process one; and FSDP
+  syncs every micro-batch layer by layer, so equal rows of each micro-batch per rank is the balance
+  that removes waiting. A micro-batch with fewer rows than ranks (a bucket's last one) leaves some
+  ranks a zero-weight row (computed, times 0).
+* ``--ema-decay`` / ``--snapshot-every`` (seed §4.2.3): ``ShardedWeightAverages`` keeps the online
+  EMA and the power-function EMAs as DTensors beside the parameter shards (updated locally after
+  every optimizer step), saves them in the sharded checkpoint (``AveragesCheckpointer``: resumed on
+  any layout), and gathers them to rank 0 for the files of the single-process run
+  (``snapshots/step_*``, ``ema/``): `mugen posthoc-ema`, `mugen generate` and ``load_dit`` read them
+  unchanged.
 
-Tested on gloo/CPU against the single-process run (tests/distributed/test_distributed_train.py):
-dp_shard, tp, cp, dp_shard x tp, gradient accumulation, resume on the same or another layout.
-Not wired yet: pipeline stages (pp > 1), the balanced sampler, EMA/snapshots and curricula on
-several processes (each raises a MugenError naming the option). Every rank reads the whole global
-batch (simple and deterministic; the data-loading cost is repeated per rank), and the per-timestep
-loss bins and ``samples`` in the logs are rank 0's share.
+Tested on gloo/CPU against the single-process run (tests/distributed/test_distributed_train.py,
+test_distributed_train_averages.py, test_distributed_train_balanced.py): dp_shard, tp, cp,
+dp_shard x tp, gradient accumulation, resume on the same or another layout, EMA and snapshots
+(dp_shard, tp, resumed), balanced batches (dp_shard, resumed). Not wired yet: pipeline stages
+(pp > 1) and curricula on several processes (each raises a MugenError). Every rank reads the whole
+global batch (simple and deterministic; the data-loading cost is repeated per rank), and the
+per-timestep loss bins and ``samples`` in the logs are rank 0's share.
 """
 
 from __future__ import annotations
@@ -38,6 +56,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from mugen.errors import MugenError
+from mugen.train.runs import WeightAverages
 from mugen.train.trainer import LossOutput, SingleProcess, Trainer
 
 log = logging.getLogger(__name__)
@@ -143,6 +162,125 @@ class DataParallelShare:
         return output
 
 
+class BalancedDataParallelShare(DataParallelShare):
+    """``DataParallelShare`` for ``--balanced`` (seed §5.2): the rows of each micro-batch split by cost.
+
+    Every rank reads the global step of the single-process balanced run (``BalancedBatchSampler``
+    with ``world_size=1``: its micro-batches of near-equal cost, one shape each). Each micro-batch's
+    rows are split with ``mugen.data.balanced.split_rows``: equal counts, and the remainder rows go
+    to the data-parallel ranks that took the least cost so far in the step, so every rank's step cost
+    is within one sample's cost of the others'. Rank ``r`` takes a contiguous block of rows; its
+    loss is weighted as in ``DataParallelShare``, so the gradient is the single-process run's.
+
+    A micro-batch with fewer rows than ranks (a bucket's last micro-batch) leaves some ranks without
+    a row: they compute the loss of the first row times 0, so FSDP's collectives still line up (the
+    gradient gets exact zeros; only a non-finite loss on that row would differ: it skips the step).
+    The step boundary is every ``micro_batches`` calls (the Trainer calls once per micro-batch, and a
+    resumed run starts on a step boundary). The step's rank cost imbalance (max / mean - 1) is
+    returned as the metric ``rank_cost_imbalance`` (replacing the sampler's, which sees one rank).
+    """
+
+    def __init__(self, task, index: int, count: int, sampler, micro_batches: int):
+        super().__init__(task, index, count)
+        self.sampler, self.micro_batches = sampler, int(micro_batches)
+        self._micro_index = 0
+        self._loads = [0.0] * count
+
+    def compute_loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> LossOutput:
+        from mugen.data.balanced import imbalance, split_rows
+
+        if "index" not in batch:
+            raise MugenError("--balanced on several processes needs batches with dataset indices ('index'); use LatentTextDataset")
+        if self._micro_index == 0:
+            self._loads = [0.0] * self.count
+        batch_size = int(batch["latents"].shape[0])
+        row_cost = sum(self.sampler.sample_cost(int(i)) for i in batch["index"].tolist()) / batch_size
+        counts = split_rows(batch_size, row_cost, self._loads)
+        start = sum(counts[: self.index])
+        mine = counts[self.index]
+        rows = slice(start, start + mine) if mine else slice(0, 1)
+        output = self.task.compute_loss(model, batch, generator, rows=rows)
+        output.loss = output.loss * (mine * self.count / batch_size)
+        if not mine:  # no sample of this micro-batch: a zero contribution, and nothing to log
+            output.per_sample = None if output.per_sample is None else output.per_sample[:0]
+            output.timesteps = None if output.timesteps is None else output.timesteps[:0]
+        self._micro_index = (self._micro_index + 1) % self.micro_batches
+        # The Trainer averages metrics over the step's micro-batches: the last one carries the step's value.
+        step_imbalance = imbalance(self._loads) * self.micro_batches if self._micro_index == 0 else 0.0
+        output.metrics = {**output.metrics, "rank_cost_imbalance": step_imbalance}
+        return output
+
+
+class ShardedWeightAverages(WeightAverages):
+    """``WeightAverages`` of a parallelized model (seed §4.2.3 on several processes).
+
+    The online EMA and the power-function EMAs are built from the DTensor parameters, so each rank
+    keeps only its shards and updates them locally after every optimizer step; they are saved in the
+    sharded checkpoint (``AveragesCheckpointer``, via ``DistributedStrategy``). Snapshots and the
+    EMA export gather one tensor at a time to rank 0, which writes the files of the single-process
+    run (same names, same layout, fused rows in the official order): `mugen posthoc-ema`,
+    `mugen generate` and ``load_dit`` use them unchanged. Both are collectives: every rank calls them.
+    """
+
+    def write_snapshot(self, step: int, model) -> Path | None:
+        """``snapshots/step_{step:08d}/``: model.safetensors + power_ema_*.safetensors, written by rank 0 atomically."""
+        import shutil
+        import tempfile
+
+        from mugen.distributed.ema import gathered_ema_state_dict, gathered_model_weights, save_gathered_weights
+        from mugen.train.checkpoint import MODEL_FILE, step_dir_name
+        from mugen.train.ema import power_ema_file_name
+        from mugen.train.runs import SNAPSHOTS_DIR
+
+        is_main = dist.get_rank() == 0
+        root = self.output_dir / SNAPSHOTS_DIR
+        final = root / step_dir_name(step)
+        temporary = None
+        if is_main:
+            root.mkdir(parents=True, exist_ok=True)
+            temporary = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+        try:
+            full = gathered_model_weights(model, on_every_rank=False)
+            if is_main:
+                save_gathered_weights(full, model, temporary / MODEL_FILE)
+            del full
+            for sigma_rel in self.power_sigma_rels:
+                full = gathered_ema_state_dict(self.averages[f"power_ema_{sigma_rel:.4f}"], model, on_every_rank=False)
+                if is_main:
+                    save_gathered_weights(full, model, temporary / power_ema_file_name(sigma_rel))
+                del full
+            if is_main:
+                if final.exists():  # written before an interruption: the resumed run rewrites it identically
+                    shutil.rmtree(final)
+                temporary.rename(final)
+        except BaseException:
+            if temporary is not None:
+                shutil.rmtree(temporary, ignore_errors=True)
+            raise
+        dist.barrier()
+        return final if is_main else None
+
+    def export_ema(self) -> Path | None:
+        """Write ``output_dir/ema`` (model_config.json + model.safetensors) on rank 0, as the single-process run does."""
+        from mugen.distributed.ema import gathered_ema_state_dict, save_gathered_weights
+        from mugen.models.dit.io import write_run_config
+        from mugen.train.checkpoint import MODEL_FILE
+        from mugen.train.runs import EMA_DIR
+
+        if "ema" not in self.averages:
+            return None
+        full = gathered_ema_state_dict(self.averages["ema"], self.model, on_every_rank=False)
+        folder = self.output_dir / EMA_DIR
+        if dist.get_rank() == 0:
+            save_gathered_weights(full, self.model, folder / MODEL_FILE)
+            record = dict(self.run_record)
+            record["ema"] = {"decay": self.ema_decay, "updates": self.averages["ema"].updates}
+            write_run_config(folder, record)
+            log.info("online EMA (decay %s) gathered and exported to %s", self.ema_decay, folder)
+        dist.barrier()
+        return folder if dist.get_rank() == 0 else None
+
+
 class DistributedStrategy(SingleProcess):
     """The Trainer's reduce/clip/save/load on several processes (see the module docstring)."""
 
@@ -165,16 +303,17 @@ class DistributedStrategy(SingleProcess):
         return float(clip_grad_norm_(parameters, max_norm))
 
     def checkpointer(self, trainer: Trainer):
+        """The sharded checkpointer; with the Trainer's ``extra_state`` (weight averages) an ``AveragesCheckpointer``."""
         from mugen.distributed import DistributedCheckpointer
+        from mugen.distributed.ema import AveragesCheckpointer
 
         if self._checkpointer is None:
-            self._checkpointer = DistributedCheckpointer(
-                trainer.output_dir,
-                trainer.model,
-                trainer.optimizer,
-                layout=self.layout,
-                keep_checkpoints=trainer.config.keep_checkpoints,
-            )
+            averages = trainer.extra_state() if trainer.extra_state is not None else {}
+            common = dict(layout=self.layout, keep_checkpoints=trainer.config.keep_checkpoints)
+            if averages:  # EMA shards beside the parameters' (seed §4.2.3)
+                self._checkpointer = AveragesCheckpointer(trainer.output_dir, trainer.model, trainer.optimizer, averages=averages, **common)
+            else:
+                self._checkpointer = DistributedCheckpointer(trainer.output_dir, trainer.model, trainer.optimizer, **common)
         return self._checkpointer
 
     def latest_checkpoint(self, output_dir: Path) -> Path | None:
@@ -193,24 +332,27 @@ class DistributedStrategy(SingleProcess):
 
     def save(self, trainer: Trainer) -> Path:
         state = trainer._training_state()
-        # The optimizer is saved sharded with the model, and every rank's RNG beside it.
+        # The optimizer and the weight averages are saved sharded with the model, and every rank's RNG beside it.
         for name in ("optimizer", "rng", "extra"):
             state.pop(name)
         return self.checkpointer(trainer).save(trainer.step, state).wait()
 
     def load(self, trainer: Trainer, checkpoint: Path) -> dict:
-        state = self.checkpointer(trainer).load(checkpoint)  # model + optimizer in place, RNG on the same world size
-        state["extra"] = {}
+        checkpointer = self.checkpointer(trainer)
+        state = checkpointer.load(checkpoint)  # model, optimizer and averages in place; RNG on the same world size
+        averages = getattr(checkpointer, "averages", {})
+        state["extra"] = {name: average.state_dict() for name, average in averages.items()}  # already restored
         return state
 
 
 class ParallelRun:
     """The mesh and layout of one run on several processes, and what `train_dit` asks of them."""
 
-    def __init__(self, config, device: str):
+    def __init__(self, config, device: str, micro_batches: int = 1):
         from mugen.distributed import build_mesh, data_parallel_rank
 
         self.config = config
+        self.micro_batches = int(micro_batches)
         device_type = "cuda" if str(device).startswith("cuda") else "cpu"
         self.owns_process_group = not dist.is_initialized()
         self.mesh = build_mesh(config, device_type=device_type)
@@ -231,8 +373,20 @@ class ParallelRun:
         initialize_from_single_device(model, build_single_device, self.device)
         return model
 
-    def wrap_task(self, task) -> DataParallelShare:
+    def wrap_task(self, task, sampler=None) -> DataParallelShare:
+        """This data-parallel group's share of every global micro-batch; split by cost with a balanced sampler."""
+        if getattr(sampler, "is_stream", False):
+            if sampler.world_size != 1:
+                raise MugenError(
+                    f"the balanced sampler plans {sampler.world_size} ranks; on several processes build it with "
+                    "world_size=1, rank=0 (every rank reads the global step, the rows are split per rank)"
+                )
+            return BalancedDataParallelShare(task, self.dp_index, self.dp_count, sampler, self.micro_batches)
         return DataParallelShare(task, self.dp_index, self.dp_count)
+
+    def weight_averages(self, *args, **kwargs) -> ShardedWeightAverages:
+        """``WeightAverages(*args, **kwargs)`` for the parallelized model (sharded, gathered on export)."""
+        return ShardedWeightAverages(*args, **kwargs)
 
     def strategy(self) -> DistributedStrategy:
         return DistributedStrategy(self.mesh, self.layout)
@@ -261,21 +415,12 @@ def parallel_run_for(spec) -> ParallelRun | None:
     config = parallel_config(spec.parallel, job_world_size(), autocast)
     if config is None:
         return None
-    unsupported = [
-        flag
-        for flag, used in (
-            ("--balanced", spec.balanced),
-            ("--ema-decay", spec.ema_decay is not None),
-            ("--snapshot-every", bool(spec.snapshot_every)),
-        )
-        if used
-    ]
-    if unsupported:
-        raise MugenError(f"{', '.join(unsupported)}: not available on several processes yet; drop it or train on one process")
-    smallest = min(size for size in (spec.batch_size, spec.image_batch_size) if size)
+    # --balanced: batch_size counts samples of the costliest shape (image_batch_size is only a cap there).
+    sizes = (spec.batch_size,) if spec.balanced else (spec.batch_size, spec.image_batch_size)
+    smallest = min(size for size in sizes if size)
     if smallest < config.data_parallel_size:
         raise MugenError(
             f"batch size {smallest} is smaller than the {config.data_parallel_size} data-parallel ranks of --parallel; "
             "each rank needs at least one sample of every micro-batch: raise --batch-size/--image-batch-size"
         )
-    return ParallelRun(config, spec.device)
+    return ParallelRun(config, spec.device, micro_batches=spec.train.grad_accum)

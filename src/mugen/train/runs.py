@@ -277,6 +277,8 @@ def train_dit(spec: DiTRunSpec, resume: bool = True) -> list[dict]:
             seed=spec.train.seed,
             max_batch_size=spec.image_batch_size,
             max_tokens=spec.max_tokens,
+            world_size=1,  # the global step: on several processes every rank reads it and takes its rows
+            rank=0,
         )
         log.info(
             "balanced batches: %s",
@@ -289,11 +291,12 @@ def train_dit(spec: DiTRunSpec, resume: bool = True) -> list[dict]:
         sampler = ShapeBucketBatchSampler(keys, spec.batch_size, seed=spec.train.seed, batch_size_for_key=per_key)
     from mugen.train.flops import DiTStepFlops
 
-    averages = WeightAverages(spec.output_dir, run_record, spec.ema_decay, spec.snapshot_every, spec.power_ema_sigma_rels)
+    averages_class = WeightAverages if parallel is None else parallel.weight_averages
+    averages = averages_class(spec.output_dir, run_record, spec.ema_decay, spec.snapshot_every, spec.power_ema_sigma_rels)
 
     task, flop_counter = DiTFlowTask(spec.task, null_text), DiTStepFlops(config)
     if parallel is not None:
-        task, flop_counter = parallel.wrap_task(task), parallel.flop_counter(flop_counter)
+        task, flop_counter = parallel.wrap_task(task, sampler), parallel.flop_counter(flop_counter)
     trainer = Trainer(
         model,
         task,
@@ -312,10 +315,10 @@ def train_dit(spec: DiTRunSpec, resume: bool = True) -> list[dict]:
     averages.attach(trainer.model)
     try:
         history = trainer.fit()
+        averages.export_ema()  # on several processes a collective: before the process group goes
     finally:
         if parallel is not None:
             parallel.close()
-    averages.export_ema()
     return history
 
 
