@@ -1,8 +1,11 @@
 """``parallelize_dit``: lay a single-device MUG-DiT over a 5D device mesh (seed §5.1).
 
-Order (torchtitan's): tensor + sequence parallel, context parallel, activation checkpointing,
-per-block compile, then FSDP2 / HSDP over the data-parallel ranks. Pipeline parallelism cuts the
-model into stages instead (``distributed/pipeline.py``).
+Order: context parallel, tensor + sequence parallel, activation checkpointing, per-block compile,
+then FSDP2 / HSDP over the data-parallel (and context-parallel) ranks. With cp and tp together,
+each cp rank holds a contiguous chunk of the token sequence and the tp ranks of that chunk split
+it again into slices (sequence parallel) and split the attention heads; self-attention of the
+local heads runs as a ring over the cp ranks that hold the same heads. Pipeline parallelism cuts
+the model into stages instead (``distributed/pipeline.py``).
 
 Typical use, one process per GPU under ``torchrun``::
 
@@ -56,17 +59,15 @@ def parallelize_dit(model: nn.Module, mesh: DeviceMesh, config: ParallelConfig) 
     if config.pp > 1:
         return _pipeline(model, mesh, config)
 
-    if config.tp > 1:
-        apply_tensor_parallel(model, mesh["tp"])
     if config.cp > 1:
-        if config.tp > 1:
-            raise MugenError(
-                "parallelize_dit: cp > 1 together with tp > 1 is not supported yet (both split the token "
-                "sequence); use one of them"
-            )
+        # Context parallel first: its block hooks cut the sequence into cp chunks (and its ring
+        # replaces self-attention's attention_op), then tensor parallel works inside each chunk
+        # (its hooks and its padding wrapper around the ring come second, see tensor_parallel.py).
         from mugen.distributed.context_parallel import apply_context_parallel
 
         apply_context_parallel(model, mesh["cp"])
+    if config.tp > 1:
+        apply_tensor_parallel(model, mesh["tp"])
     apply_activation_checkpointing(model.blocks, config.activation_checkpointing)
     if config.compile_blocks:
         compile_blocks(model.blocks)

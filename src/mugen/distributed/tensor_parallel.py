@@ -18,6 +18,12 @@ cross-attention and ``1 / tp`` of the MLP's hidden units:
 * A sequence whose length does not divide by ``tp`` is padded at the end with zero tokens; the
   padding is left out of the self-attention keys (``attn.attention_op`` is wrapped), cross-attention
   and the MLP are per token, and the padding is dropped after the last block, so it changes nothing.
+* With context parallelism (``parallelize_dit`` applies it first, on a (cp, tp) mesh) "the
+  sequence" above is this rank's contiguous cp chunk: context parallelism's block pre-hook runs
+  first and hands the block the chunk's tokens, RoPE rotations and clean-token mask; the tp slices
+  are slices of the chunk; the self-attention of the local heads over the chunk goes to the wrapped
+  ``attention_op``, which is then the ring over the cp ranks that hold the same heads; and after
+  the last block the slices are gathered into the chunk before the chunks are gathered.
 
 Fused projections: ``qkv`` stores rows as [q | k | v] (and ``kv_linear`` as [k | v]), each part in
 head order. A plain column split would hand rank 0 all of q and part of k, so before sharding the
@@ -328,6 +334,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
         block.attn.attention_op = _AttendToRealTokens(block.attn.attention_op, hooks)
         block.cross_attn.num_heads = num_heads // tp
         block.register_forward_pre_hook(hooks.before_block)
-    blocks[-1].register_forward_hook(hooks.after_last_block)
+    # prepend: with context parallelism applied first, the tp slices are gathered into the cp chunk
+    # before context parallelism gathers the chunks into the sequence.
+    blocks[-1].register_forward_hook(hooks.after_last_block, prepend=True)
     setattr(model, FUSED_ROWS_ATTRIBUTE, fused_rows)
     return model
