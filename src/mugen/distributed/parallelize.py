@@ -43,8 +43,9 @@ from mugen.errors import MugenError
 def parallelize_dit(model: nn.Module, mesh: DeviceMesh, config: ParallelConfig) -> nn.Module:
     """Apply ``config`` to ``model`` (a MUGDiT with the same weights on every rank, or on the meta device) in place.
 
-    With ``pp`` > 1 returns the pipeline wrapper of ``distributed/pipeline.py`` instead (alone:
-    pipeline stages are not combined with the other axes here yet).
+    With ``pp`` > 1 returns the pipeline wrapper of ``distributed/pipeline.py`` instead: this rank's
+    stages, sharded with FSDP2 over the data-parallel ranks when ``dp_shard``/``dp_replicate`` > 1
+    (pp is not combined with cp or tp yet).
     """
     config.validate(mesh.size())
     missing = [axis for axis in MESH_AXES if axis not in (mesh.mesh_dim_names or ())]
@@ -84,15 +85,29 @@ def parallelize_dit(model: nn.Module, mesh: DeviceMesh, config: ParallelConfig) 
 
 
 def _pipeline(model: nn.Module, mesh: DeviceMesh, config: ParallelConfig):
-    others = {axis: getattr(config, axis) for axis in ("dp_replicate", "dp_shard", "cp", "tp") if getattr(config, axis) > 1}
-    if others or config.activation_checkpointing != "none" or config.compile_blocks:
+    """Pipeline stages over ``pp``, each stage sharded with FSDP2 over the data-parallel ranks (pp x dp)."""
+    splitting = {axis: getattr(config, axis) for axis in ("cp", "tp") if getattr(config, axis) > 1}
+    if splitting:
         raise MugenError(
-            f"parallelize_dit: pp={config.pp} is applied on its own here; drop {others or 'recompute/compile'} "
-            "or set pp=1"
+            f"parallelize_dit: pp={config.pp} is not combined with {splitting} yet (the pipeline stages send whole "
+            "sequences between ranks); use pp with dp_shard/dp_replicate, or cp/tp without pp"
         )
     from mugen.distributed.pipeline import PipelinedDiT
 
-    return PipelinedDiT(model, mesh["pp"], n_microbatches=config.pp_microbatches, schedule=config.pp_schedule)
+    # Recomputation and compilation wrap each block in place, so the stages cut below inherit them.
+    apply_activation_checkpointing(model.blocks, config.activation_checkpointing)
+    if config.compile_blocks:
+        compile_blocks(model.blocks)
+    pipe = PipelinedDiT(model, mesh["pp"], n_microbatches=config.pp_microbatches, schedule=config.pp_schedule)
+    dp_mesh = data_parallel_mesh(mesh)
+    if dp_mesh is not None:
+        pipe.shard_data_parallel(
+            dp_mesh,
+            param_dtype=config.param_dtype,
+            reduce_dtype=config.reduce_dtype,
+            reshard_after_forward=config.reshard_after_forward,
+        )
+    return pipe
 
 
 def data_parallel_rank(mesh: DeviceMesh) -> tuple[int, int]:

@@ -18,8 +18,9 @@ do not:
   only rank 0 writes logs, metrics and the loss curve.
 
 Tested on gloo/CPU against the single-process run (tests/distributed/test_distributed_train.py):
-dp_shard, tp, cp, dp_shard x tp, gradient accumulation, resume on the same or another layout.
-Not wired yet: pipeline stages (pp > 1), the balanced sampler, EMA/snapshots and curricula on
+dp_shard, tp, cp, dp_shard x tp, gradient accumulation, resume on the same or another layout
+(cp x tp and pipeline stages, ``PipelineRun`` of pipeline_run.py: test_distributed_train_pipeline.py).
+Not wired yet: the balanced sampler, EMA/snapshots and curricula on
 several processes (each raises a MugenError naming the option). Every rank reads the whole global
 batch (simple and deterministic; the data-loading cost is repeated per rank), and the per-timestep
 loss bins and ``samples`` in the logs are rank 0's share.
@@ -105,11 +106,6 @@ def parallel_config(values: dict | None, world_size: int, autocast: bool):
     values.setdefault("param_dtype", "bf16" if autocast else "fp32")
     config = dataclass_from_dict(ParallelConfig, values, "--parallel / config section 'parallel'")
     config.validate(world_size)
-    if config.pp > 1:
-        raise MugenError(
-            f"--parallel pp={config.pp}: pipeline stages are not wired into `mugen train dit` yet; "
-            "use dp_replicate/dp_shard/cp/tp (pp=1)"
-        )
     if world_size == 1:
         return None  # a one-rank layout is the single-process run
     return config
@@ -278,4 +274,8 @@ def parallel_run_for(spec) -> ParallelRun | None:
             f"batch size {smallest} is smaller than the {config.data_parallel_size} data-parallel ranks of --parallel; "
             "each rank needs at least one sample of every micro-batch: raise --batch-size/--image-batch-size"
         )
+    if config.pp > 1:  # pipeline stages: train/pipeline_run.py
+        from mugen.train.pipeline_run import PipelineRun
+
+        return PipelineRun(config, spec.device, (spec.batch_size, spec.image_batch_size))
     return ParallelRun(config, spec.device)
