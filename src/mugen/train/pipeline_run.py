@@ -19,10 +19,9 @@ stage (pp x dp). What changes against ``distributed_run.py``, and why the number
   never backpropagates, leaves ``.grad`` untouched).
 * The logged loss is the global batch's (every rank holds its data-parallel group's loss, the last
   stage's value broadcast over the pipeline); clipping uses the norm over all stages.
-* Checkpoints hold each stage's parameters and AdamW moments; the optimizer state is stored
-  flattened per parameter name (torch's ``flatten_optimizer_state_dict``), because the ranks hold
-  different parameters. They resume on any pp (x dp) layout, not on a layout without pp (start a
-  run from their weights instead: ``--init-from``).
+* Checkpoints are the sharded checkpoints of ``distributed_run.py`` (``DistributedCheckpointer``:
+  single-device names, each rank writes its stage's parameters and AdamW moments), so a pipeline
+  run resumes on a layout without stages and the other way round.
 
 Refused: pp together with cp or tp (``parallelize_dit``), the interleaved schedule (one stage per
 rank here), micro-batch counts that do not divide every data-parallel share of a batch.
@@ -30,17 +29,14 @@ rank here), micro-batch counts that do not divide every data-parallel share of a
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-from mugen.distributed.checkpoint import DistributedCheckpointer, _canonical_view, _checkpoint_tensor, _drop_empty
+from mugen.distributed.checkpoint import DistributedCheckpointer, _canonical_view, _training_state_dicts
 from mugen.errors import MugenError
 from mugen.train.distributed_run import DistributedStrategy, ParallelRun
 from mugen.train.trainer import LossOutput, Trainer
@@ -141,21 +137,24 @@ class PipelineShare:
 
 
 class PipelineCheckpointer(DistributedCheckpointer):
-    """``DistributedCheckpointer`` with the optimizer state flattened per parameter name.
+    """``DistributedCheckpointer`` whose optimizer state names every parameter of the model.
 
-    The nested form stores one ``param_groups`` list naming the parameters, which differs between
-    pipeline ranks (DCP keeps one rank's copy); the flat form keys every entry by parameter name.
-    Loading recognises the flat form by itself (``set_state_dict``).
+    The optimizer state lists its parameters by name in ``param_groups``; each pipeline rank holds
+    other parameters, and DCP keeps one rank's copy of that list. Here every rank writes the list of
+    the whole model (the same everywhere), so the checkpoint reads as one written by a run without
+    stages: it resumes on any layout, with or without pp, and a pipeline run resumes any sharded
+    checkpoint (each rank picks its parameters' moments by name).
     """
 
+    def __init__(self, *args, parameter_names: list[str], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.parameter_names = list(parameter_names)
+
     def _view(self) -> tuple[dict, dict]:
-        options = StateDictOptions(full_state_dict=False, flatten_optimizer_state_dict=True)
-        model_state, optimizer_state = get_state_dict(self.model, self.optimizer, options=options)
-        state = {"model": model_state, "optimizer": optimizer_state}
-        view = _canonical_view({"model": model_state, "optimizer": {}}, {})  # no fused rows: pp has no tp
-        view["optimizer"] = _drop_empty(
-            {name: _checkpoint_tensor(value, None) if isinstance(value, Tensor) else value for name, value in optimizer_state.items()}
-        )
+        state = _training_state_dicts(self.model, self.optimizer)
+        for group in state["optimizer"].get("param_groups", []):
+            group["params"] = list(self.parameter_names)
+        view = _canonical_view(state, {})  # no fused rows: pipeline stages are not tensor-parallel
         view.update(self.extra_tensors_view())
         return state, view
 
@@ -163,9 +162,9 @@ class PipelineCheckpointer(DistributedCheckpointer):
 class PipelineStrategy(DistributedStrategy):
     """The Trainer's reduce/clip/save/load over pipeline stages (see the module docstring)."""
 
-    def __init__(self, mesh, layout: dict, pipe):
+    def __init__(self, mesh, layout: dict, pipe, parameter_names: list[str]):
         super().__init__(mesh, layout)
-        self.pipe = pipe
+        self.pipe, self.parameter_names = pipe, parameter_names
 
     def clip_grad_norm(self, parameters: list[nn.Parameter], max_norm: float) -> float:
         return float(self.pipe.clip_grad_norm_(max_norm))  # the norm over every stage
@@ -178,20 +177,9 @@ class PipelineStrategy(DistributedStrategy):
                 trainer.optimizer,
                 layout=self.layout,
                 keep_checkpoints=trainer.config.keep_checkpoints,
+                parameter_names=self.parameter_names,
             )
         return self._checkpointer
-
-    def load(self, trainer: Trainer, checkpoint: Path) -> dict:
-        from mugen.train.checkpoint import META_FILE
-
-        meta_file = Path(checkpoint) / META_FILE
-        saved = json.loads(meta_file.read_text()).get("layout", {}) if meta_file.is_file() else {}
-        if int(saved.get("pp", 1)) < 2:
-            raise MugenError(
-                f"{checkpoint} was written by a run without pipeline stages (layout {saved}); resume it with that kind "
-                "of layout, or start the pipeline run from its weights with --init-from and a new --output"
-            )
-        return super().load(trainer, checkpoint)
 
 
 class PipelineRun(ParallelRun):
@@ -213,7 +201,7 @@ class PipelineRun(ParallelRun):
                     f"{micro * config.data_parallel_size}) or change pp_microbatches"
                 )
         super().__init__(config, device)
-        self.pipe = None
+        self.pipe, self.parameter_names = None, []
 
     def build_model(self, model_config, build_single_device: Callable[[], nn.Module]) -> nn.Module:
         """This rank's stage (parameters under the single-device names), with ``build_single_device()``'s weights."""
@@ -223,6 +211,7 @@ class PipelineRun(ParallelRun):
         with torch.device("meta"):
             model = MUGDiT(model_config)
         entries = [(name, tensor.shape, tensor.dtype) for name, tensor in model.state_dict().items()]
+        self.parameter_names = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
         self.pipe = parallelize_dit(model, self.mesh, self.config)
         del model  # the stages keep their own submodules
         initialize_stages(self.pipe, entries, build_single_device, self.device)
@@ -237,4 +226,4 @@ class PipelineRun(ParallelRun):
         return PipelineShare(task, self.pipe, self.dp_index, self.dp_count)
 
     def strategy(self) -> PipelineStrategy:
-        return PipelineStrategy(self.mesh, self.layout, self.pipe)
+        return PipelineStrategy(self.mesh, self.layout, self.pipe, self.parameter_names)
