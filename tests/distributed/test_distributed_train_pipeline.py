@@ -74,6 +74,8 @@ def problem(tmp_path_factory) -> dict:
         ("pp=2,pp_microbatches=2", 2, "pp=2,pp_microbatches=2", 2),
         # resumed without stages: the pipeline checkpoint is an ordinary sharded one
         ("pp=2,dp_shard=2,pp_microbatches=2", 4, "dp_shard=2", 2),
+        # stages of tensor-parallel blocks (tp slices travel between stages), resumed on tp alone
+        ("pp=2,tp=2,pp_microbatches=2", 4, "tp=2", 2),
         ("cp=2,tp=2", 4, None, 0),
     ],
 )

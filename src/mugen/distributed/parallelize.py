@@ -36,7 +36,7 @@ from torch.distributed.tensor import DTensor
 from mugen.distributed.activation import apply_activation_checkpointing, compile_blocks
 from mugen.distributed.fsdp import apply_fsdp
 from mugen.distributed.mesh import MESH_AXES, ParallelConfig, axis_size, data_parallel_mesh
-from mugen.distributed.tensor_parallel import apply_tensor_parallel
+from mugen.distributed.tensor_parallel import FUSED_ROWS_ATTRIBUTE, apply_tensor_parallel
 from mugen.errors import MugenError
 
 
@@ -44,8 +44,8 @@ def parallelize_dit(model: nn.Module, mesh: DeviceMesh, config: ParallelConfig) 
     """Apply ``config`` to ``model`` (a MUGDiT with the same weights on every rank, or on the meta device) in place.
 
     With ``pp`` > 1 returns the pipeline wrapper of ``distributed/pipeline.py`` instead: this rank's
-    stages, sharded with FSDP2 over the data-parallel ranks when ``dp_shard``/``dp_replicate`` > 1
-    (pp is not combined with cp or tp yet).
+    stages, their blocks tensor-parallel when ``tp`` > 1, sharded with FSDP2 over the data-parallel
+    ranks when ``dp_shard``/``dp_replicate`` > 1 (pp is not combined with cp yet).
     """
     config.validate(mesh.size())
     missing = [axis for axis in MESH_AXES if axis not in (mesh.mesh_dim_names or ())]
@@ -85,20 +85,27 @@ def parallelize_dit(model: nn.Module, mesh: DeviceMesh, config: ParallelConfig) 
 
 
 def _pipeline(model: nn.Module, mesh: DeviceMesh, config: ParallelConfig):
-    """Pipeline stages over ``pp``, each stage sharded with FSDP2 over the data-parallel ranks (pp x dp)."""
-    splitting = {axis: getattr(config, axis) for axis in ("cp", "tp") if getattr(config, axis) > 1}
-    if splitting:
+    """Pipeline stages over ``pp``: blocks tensor-parallel over ``tp`` (pp x tp), each stage sharded
+    with FSDP2 over the data-parallel ranks (pp x dp)."""
+    if config.cp > 1:
         raise MugenError(
-            f"parallelize_dit: pp={config.pp} is not combined with {splitting} yet (the pipeline stages send whole "
-            "sequences between ranks); use pp with dp_shard/dp_replicate, or cp/tp without pp"
+            f"parallelize_dit: pp={config.pp} is not combined with cp={config.cp} yet; use pp with "
+            "dp_shard/dp_replicate/tp, or cp without pp"
         )
     from mugen.distributed.pipeline import PipelinedDiT
 
-    # Recomputation and compilation wrap each block in place, so the stages cut below inherit them.
+    # Tensor parallelism, recomputation and compilation change each block in place, so the stages
+    # cut below inherit them; each stage carries the fused-row layout of its own parameters.
+    if config.tp > 1:
+        apply_tensor_parallel(model, mesh["tp"])
     apply_activation_checkpointing(model.blocks, config.activation_checkpointing)
     if config.compile_blocks:
         compile_blocks(model.blocks)
     pipe = PipelinedDiT(model, mesh["pp"], n_microbatches=config.pp_microbatches, schedule=config.pp_schedule)
+    fused_rows = getattr(model, FUSED_ROWS_ATTRIBUTE, {})
+    for stage in pipe.stages:
+        names = set(stage.state_dict())
+        setattr(stage, FUSED_ROWS_ATTRIBUTE, {name: layout for name, layout in fused_rows.items() if name in names})
     dp_mesh = data_parallel_mesh(mesh)
     if dp_mesh is not None:
         pipe.shard_data_parallel(

@@ -25,6 +25,12 @@ The loss is the flow objective's per-sample loss (``mugen.flow.objective.flow_ma
 weighted and averaged over the micro-batch; the schedule scales gradients by 1 / micro-batches, so
 the gradients are those of the mean over the whole batch, as in the single-process run.
 
+Composition (``parallelize_dit`` with pp > 1): blocks made tensor-parallel before the cut keep it
+inside their stage, and the stages then send each other the tp slices of the hidden states (only
+the last block gathers the sequence); ``shard_data_parallel`` puts each stage under FSDP2 over the
+ranks that hold the same stage (pp x dp). Context parallelism is not combined with stages yet.
+``mugen train dit --parallel pp=...`` drives this class through ``train/pipeline_run.py``.
+
 Usage (one call per rank, every rank with the same batch, t and noise)::
 
     pipe = PipelinedDiT(model, pp_mesh, n_microbatches=4, schedule="1F1B")

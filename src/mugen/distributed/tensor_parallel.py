@@ -35,7 +35,9 @@ Parameters that stay replicated inside a block but only see a rank's share of th
 table, the cross-attention LayerNorm, the QK-norm gains) get a gradient hook that sums their
 gradient over the ``tp`` group; so do the replicated adaLN signals entering each block.
 Everything outside the blocks (embedders, final layer) runs replicated on the whole sequence: the
-sequence is split before the first block and gathered after the last one.
+sequence is split before the first block and gathered after the last one. Pipeline stages cut
+from a tensor-parallel model (``parallelize_dit`` with pp and tp) therefore send each other the
+tp slices of the hidden states (1 / tp of the sequence per rank), and only the last stage gathers.
 
 Communication per block and step: 3 all-gathers (self-attention, cross-attention, MLP inputs) and
 3 reduce-scatters forward, the mirror image backward, plus small all-reduces of the adaLN signal
@@ -262,8 +264,9 @@ class _SequenceParallelHooks:
         x, text, text_attn_mask, t_mod, t0_mod, clean_tokens, rope = args
         tokens = rope.shape[2]  # rope (B, 1, N + 2, hd / 2) always covers the whole sequence
         padding = -tokens % self.world  # tokens appended so that the sequence splits evenly
-        if x.shape[1] == tokens:  # the first block (of this model or pipeline stage): split
-            self.real_tokens = tokens
+        # Set on every block: a later pipeline stage starts at a block that gets slices already.
+        self.real_tokens = tokens
+        if x.shape[1] == tokens:  # the model's first block: split (later blocks get slices)
             x = F.pad(x, (0, 0, 0, padding))  # (B, N + 2 + padding, d), zero tokens at the end
             x = _SplitSequence.apply(x, self.group, self.rank, self.world)
         if clean_tokens is None:

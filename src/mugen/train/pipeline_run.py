@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from mugen.distributed.checkpoint import DistributedCheckpointer, _canonical_view, _training_state_dicts
+from mugen.distributed.tensor_parallel import FUSED_ROWS_ATTRIBUTE
 from mugen.errors import MugenError
 from mugen.train.distributed_run import DistributedStrategy, ParallelRun
 from mugen.train.trainer import LossOutput, Trainer
@@ -154,7 +155,7 @@ class PipelineCheckpointer(DistributedCheckpointer):
         state = _training_state_dicts(self.model, self.optimizer)
         for group in state["optimizer"].get("param_groups", []):
             group["params"] = list(self.parameter_names)
-        view = _canonical_view(state, {})  # no fused rows: pipeline stages are not tensor-parallel
+        view = _canonical_view(state, getattr(self.model, FUSED_ROWS_ATTRIBUTE, {}))  # [q|k|v] rows on disk
         view.update(self.extra_tensors_view())
         return state, view
 
