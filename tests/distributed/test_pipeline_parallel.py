@@ -10,8 +10,9 @@ lr 1e-3, a tenth of one step (measured at most: 2e-7, 2.2e-5, 1.2e-5).
 
 The same through ``parallelize_dit`` on 4 processes: pp=2 x tp=2 (tensor-parallel blocks in each
 stage, tp slices of the hidden states sent between stages; step 0 has 29 tokens, padded to 30)
-and pp=2 x dp_shard=2 (each stage under FSDP2, each data-parallel group 2 of the 4 samples), with
-the same tolerances (measured deviations are printed with pytest -s).
+, pp=2 x dp_shard=2 (each stage under FSDP2, each data-parallel group 2 of the 4 samples) and
+pp=2 x cp=2 (ring attention inside each stage, cp chunks sent between stages, FSDP2 over the cp
+ranks), with the same tolerances (measured deviations are printed with pytest -s).
 """
 
 import pytest
@@ -102,17 +103,20 @@ def _parallelized_pipeline_parity(rank: int, world_size: int, layout: dict) -> d
     return result
 
 
-@pytest.mark.parametrize("layout", [{"pp": 2, "tp": 2}, {"pp": 2, "dp_shard": 2}], ids=["pp2_tp2", "pp2_dp_shard2"])
+@pytest.mark.parametrize(
+    "layout", [{"pp": 2, "tp": 2}, {"pp": 2, "dp_shard": 2}, {"pp": 2, "cp": 2}], ids=["pp2_tp2", "pp2_dp_shard2", "pp2_cp2"]
+)
 def test_parallelized_pipeline_matches_single_process(layout):
-    """The stages of ``parallelize_dit``: blocks tensor-parallel (tp slices sent between stages) or stages under FSDP2."""
+    """The stages of ``parallelize_dit``: blocks tensor- or context-parallel (tp slices / cp chunks sent
+    between stages), or stages under FSDP2."""
     results = run_distributed(_parallelized_pipeline_parity, 4, args=(layout,))
     every_name = sorted(name for name, _ in tiny_dit(DEPTH).named_parameters())
     assert sorted({name for result in results for name in result["names"]}) == every_name
     assert {result["pp_rank"] for result in results} == {0, 1}
     for rank, result in enumerate(results):
         assert result["split"], "some parameters must be split over tp or dp"
-        if "dp_shard" in layout:
-            assert result["sharded"], "FSDP2 shards every parameter of the stage"
+        if "tp" not in layout:
+            assert result["sharded"], "FSDP2 shards every parameter of the stage (over dp_shard, or over cp)"
         assert result["nonzero_reference_grads"]
         assert result["loss_error"] < 1e-5, (rank, result)
         assert result["grad_error"] < 1e-4, (rank, result)

@@ -44,8 +44,8 @@ def parallelize_dit(model: nn.Module, mesh: DeviceMesh, config: ParallelConfig) 
     """Apply ``config`` to ``model`` (a MUGDiT with the same weights on every rank, or on the meta device) in place.
 
     With ``pp`` > 1 returns the pipeline wrapper of ``distributed/pipeline.py`` instead: this rank's
-    stages, their blocks tensor-parallel when ``tp`` > 1, sharded with FSDP2 over the data-parallel
-    ranks when ``dp_shard``/``dp_replicate`` > 1 (pp is not combined with cp yet).
+    stages, their blocks context/tensor-parallel when ``cp``/``tp`` > 1, sharded with FSDP2 over the
+    data-parallel (and cp) ranks when ``dp_shard``/``dp_replicate``/``cp`` > 1.
     """
     config.validate(mesh.size())
     missing = [axis for axis in MESH_AXES if axis not in (mesh.mesh_dim_names or ())]
@@ -85,17 +85,17 @@ def parallelize_dit(model: nn.Module, mesh: DeviceMesh, config: ParallelConfig) 
 
 
 def _pipeline(model: nn.Module, mesh: DeviceMesh, config: ParallelConfig):
-    """Pipeline stages over ``pp``: blocks tensor-parallel over ``tp`` (pp x tp), each stage sharded
-    with FSDP2 over the data-parallel ranks (pp x dp)."""
-    if config.cp > 1:
-        raise MugenError(
-            f"parallelize_dit: pp={config.pp} is not combined with cp={config.cp} yet; use pp with "
-            "dp_shard/dp_replicate/tp, or cp without pp"
-        )
+    """Pipeline stages over ``pp`` whose blocks are context/tensor-parallel over ``cp``/``tp``, each
+    stage sharded with FSDP2 over the data-parallel (and cp) ranks that hold the same stage."""
     from mugen.distributed.pipeline import PipelinedDiT
 
-    # Tensor parallelism, recomputation and compilation change each block in place, so the stages
-    # cut below inherit them; each stage carries the fused-row layout of its own parameters.
+    # Context and tensor parallelism, recomputation and compilation change each block in place, so
+    # the stages cut below inherit them (the stages send each other cp chunks / tp slices); each
+    # stage carries the fused-row layout of its own parameters.
+    if config.cp > 1:
+        from mugen.distributed.context_parallel import apply_context_parallel
+
+        apply_context_parallel(model, mesh["cp"])
     if config.tp > 1:
         apply_tensor_parallel(model, mesh["tp"])
     apply_activation_checkpointing(model.blocks, config.activation_checkpointing)
