@@ -4,8 +4,9 @@ Order: context parallel, tensor + sequence parallel, activation checkpointing, p
 then FSDP2 / HSDP over the data-parallel (and context-parallel) ranks. With cp and tp together,
 each cp rank holds a contiguous chunk of the token sequence and the tp ranks of that chunk split
 it again into slices (sequence parallel) and split the attention heads; self-attention of the
-local heads runs as a ring over the cp ranks that hold the same heads. Pipeline parallelism cuts
-the model into stages instead (``distributed/pipeline.py``).
+local heads runs as a ring over the cp ranks that hold the same heads. With pp > 1 the cp/tp
+model is then cut into pipeline stages (``distributed/pipeline.py``) and FSDP2 shards each stage
+over the data-parallel (and cp) ranks that hold it.
 
 Typical use, one process per GPU under ``torchrun``::
 

@@ -1,9 +1,11 @@
 """`mugen train dit --parallel pp=...`: the Trainer over pipeline stages (seed §5.1).
 
 ``distributed_run.parallel_run_for`` picks ``PipelineRun`` when ``pp`` > 1. The model is cut into
-``pp`` stages along its depth (``distributed/pipeline.py``); every rank keeps one stage, and with
-``dp_shard``/``dp_replicate`` > 1 each stage is sharded with FSDP2 over the ranks that hold the same
-stage (pp x dp). What changes against ``distributed_run.py``, and why the numbers do not:
+``pp`` stages along its depth (``distributed/pipeline.py``, through ``parallelize_dit``); every rank
+keeps one stage. The other axes act inside a stage: ``tp``/``cp`` split its blocks' work (the
+stages send each other tp slices / cp chunks), and with ``dp_shard``/``dp_replicate`` (or ``cp``) > 1
+each stage is sharded with FSDP2 over the ranks that hold the same stage. What changes against
+``distributed_run.py``, and why the numbers do not:
 
 * ``trainer.model`` is this rank's stage, an ``nn.Module`` whose parameters keep the single-device
   names (``blocks.3.attn.qkv.weight``): the optimizer, clipping and the sharded checkpoints
@@ -23,8 +25,10 @@ stage (pp x dp). What changes against ``distributed_run.py``, and why the number
   single-device names, each rank writes its stage's parameters and AdamW moments), so a pipeline
   run resumes on a layout without stages and the other way round.
 
-Refused: pp together with cp or tp (``parallelize_dit``), the interleaved schedule (one stage per
-rank here), micro-batch counts that do not divide every data-parallel share of a batch.
+Tested against the single-process run (tests/distributed/test_distributed_train_pipeline.py): pp=2,
+pp=2 x dp_shard=2 and pp=2 x tp=2, resumed on pp=2, dp_shard=2 and tp=2. Refused: the interleaved
+schedule (one stage per rank here) and micro-batch counts that do not divide every data-parallel
+share of a batch.
 """
 
 from __future__ import annotations
@@ -193,7 +197,8 @@ class PipelineRun(ParallelRun):
             )
         micro = config.pp_microbatches
         for size in (size for size in batch_sizes if size):
-            shares = {len(range(*data_parallel_rows(size, index, config.data_parallel_size).indices(size))) for index in range(config.data_parallel_size)}
+            rows = [data_parallel_rows(size, index, config.data_parallel_size) for index in range(config.data_parallel_size)]
+            shares = {part.stop - part.start for part in rows}
             uneven = sorted(share for share in shares if share % micro)
             if uneven:
                 raise MugenError(
