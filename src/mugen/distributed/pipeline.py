@@ -25,11 +25,12 @@ The loss is the flow objective's per-sample loss (``mugen.flow.objective.flow_ma
 weighted and averaged over the micro-batch; the schedule scales gradients by 1 / micro-batches, so
 the gradients are those of the mean over the whole batch, as in the single-process run.
 
-Composition (``parallelize_dit`` with pp > 1): blocks made tensor-parallel before the cut keep it
-inside their stage, and the stages then send each other the tp slices of the hidden states (only
-the last block gathers the sequence); ``shard_data_parallel`` puts each stage under FSDP2 over the
-ranks that hold the same stage (pp x dp). Context parallelism is not combined with stages yet.
-``mugen train dit --parallel pp=...`` drives this class through ``train/pipeline_run.py``.
+Composition (``parallelize_dit`` with pp > 1): blocks made context- and/or tensor-parallel before
+the cut keep it inside their stage, and the stages then send each other this rank's cp chunk / tp
+slice of the hidden states (only the model's first block splits the sequence, only its last
+gathers it); ``shard_data_parallel`` puts each stage under FSDP2 over the ranks that hold the same
+stage (dp, and cp). ``mugen train dit --parallel pp=...`` drives this class through
+``train/pipeline_run.py``.
 
 Usage (one call per rank, every rank with the same batch, t and noise)::
 
