@@ -12,8 +12,8 @@ The same through ``parallelize_dit`` on 4 processes, same tolerances (deviations
 measured at most 1.7e-7, 2.2e-5, 1.0e-5): pp=2 x tp=2 (tensor-parallel blocks in each stage, tp
 slices of the hidden states sent between stages, step 0's 29 tokens padded to 30, every block
 recomputed in backward), pp=2 x dp_shard=2 (each stage under FSDP2, each data-parallel group 2 of
-the 4 samples), pp=2 x dp_replicate=2 (HSDP replicas of each stage) and pp=2 x cp=2 (ring
-attention inside each stage, cp chunks sent between stages, FSDP2 over the cp ranks).
+the 4 samples) and pp=2 x cp=2 (ring attention inside each stage, cp chunks sent between stages,
+FSDP2 over the cp ranks).
 """
 
 import pytest
@@ -110,10 +110,9 @@ def _parallelized_pipeline_parity(rank: int, world_size: int, layout: dict) -> d
     [
         {"pp": 2, "tp": 2, "activation_checkpointing": "full"},  # blocks recomputed inside the schedule's backward
         {"pp": 2, "dp_shard": 2},
-        {"pp": 2, "dp_replicate": 2},  # HSDP with shard groups of 1: replicas of each stage
         {"pp": 2, "cp": 2},
     ],
-    ids=["pp2_tp2_recompute", "pp2_dp_shard2", "pp2_dp_replicate2", "pp2_cp2"],
+    ids=["pp2_tp2_recompute", "pp2_dp_shard2", "pp2_cp2"],
 )
 def test_parallelized_pipeline_matches_single_process(layout):
     """The stages of ``parallelize_dit``: blocks tensor- or context-parallel (tp slices / cp chunks sent
@@ -124,8 +123,7 @@ def test_parallelized_pipeline_matches_single_process(layout):
     assert {result["pp_rank"] for result in results} == {0, 1}
     for rank, result in enumerate(results):
         assert result["recomputed"] == ("activation_checkpointing" in layout)
-        if "dp_replicate" not in layout:
-            assert result["split"], "some parameters must be split over tp, cp or dp_shard"
+        assert result["split"], "some parameters must be split over tp, cp or dp_shard"
         if "tp" not in layout:
             assert result["sharded"], "FSDP2 shards every parameter of the stage (over dp_shard, or over cp)"
         assert result["nonzero_reference_grads"]
