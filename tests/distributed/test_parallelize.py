@@ -100,6 +100,10 @@ LAYOUTS = {
     # The combination also recomputes activations (selective policy) inside the TP+FSDP blocks.
     "dp_shard2_tp2_recompute": (4, {"dp_shard": 2, "tp": 2, "activation_checkpointing": "selective"}),
     "cp2": (2, {"cp": 2}),  # context parallel (distributed/context_parallel.py) through parallelize_dit
+    # cp x tp: 2 contiguous chunks of the sequence (20, 14, 11 tokens -> chunks of 10, 7, 6, the last
+    # chunk of 11 padded), each cut into 2 tp slices (5, 4 with 7 padded to 8, 3), heads split by tp,
+    # the ring over the cp ranks that hold the same heads; FSDP over the cp ranks.
+    "cp2_tp2": (4, {"cp": 2, "tp": 2}),
 }
 
 

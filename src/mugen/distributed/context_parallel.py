@@ -14,6 +14,9 @@ rank of the group.
 Contiguous chunks are already balanced: self-attention here is bidirectional, so every query
 attends to every key and each rank does the same work (the zig-zag layout only helps causal masks).
 
+Pipeline stages cut from a context-parallel model (``parallelize_dit`` with pp and cp) send each
+other the chunks: only the model's first block splits the sequence and only its last gathers it.
+
 When ``N + 2`` is not divisible by the group size the sequence is padded at its end; padded keys
 are left out of attention and padded queries are dropped at the gather, so the result is exactly
 the unpadded one.
@@ -360,6 +363,7 @@ def _block_pre_hook(state: _ContextState, is_first: bool):
             x = shard_sequence(x, 1, layout, state.rank)  # (B, chunk, d)
         key = id(rope)
         if key not in state.shards or state.shards[key][0] is not rope:
+            state.shards = {}  # a new forward (also on a pipeline stage that starts past block 0)
             if clean_tokens is None:
                 # The model fixes the two boundary tokens in place when no frame is conditioned; on a
                 # chunk they are not at its ends, so spell the mask out: start and end take t = 0.

@@ -1,8 +1,12 @@
 """``parallelize_dit``: lay a single-device MUG-DiT over a 5D device mesh (seed §5.1).
 
-Order (torchtitan's): tensor + sequence parallel, context parallel, activation checkpointing,
-per-block compile, then FSDP2 / HSDP over the data-parallel ranks. Pipeline parallelism cuts the
-model into stages instead (``distributed/pipeline.py``).
+Order: context parallel, tensor + sequence parallel, activation checkpointing, per-block compile,
+then FSDP2 / HSDP over the data-parallel (and context-parallel) ranks. With cp and tp together,
+each cp rank holds a contiguous chunk of the token sequence and the tp ranks of that chunk split
+it again into slices (sequence parallel) and split the attention heads; self-attention of the
+local heads runs as a ring over the cp ranks that hold the same heads. With pp > 1 the cp/tp
+model is then cut into pipeline stages (``distributed/pipeline.py``) and FSDP2 shards each stage
+over the data-parallel (and cp) ranks that hold it.
 
 Typical use, one process per GPU under ``torchrun``::
 
@@ -33,15 +37,16 @@ from torch.distributed.tensor import DTensor
 from mugen.distributed.activation import apply_activation_checkpointing, compile_blocks
 from mugen.distributed.fsdp import apply_fsdp
 from mugen.distributed.mesh import MESH_AXES, ParallelConfig, axis_size, data_parallel_mesh
-from mugen.distributed.tensor_parallel import apply_tensor_parallel
+from mugen.distributed.tensor_parallel import FUSED_ROWS_ATTRIBUTE, apply_tensor_parallel
 from mugen.errors import MugenError
 
 
 def parallelize_dit(model: nn.Module, mesh: DeviceMesh, config: ParallelConfig) -> nn.Module:
     """Apply ``config`` to ``model`` (a MUGDiT with the same weights on every rank, or on the meta device) in place.
 
-    With ``pp`` > 1 returns the pipeline wrapper of ``distributed/pipeline.py`` instead (alone:
-    pipeline stages are not combined with the other axes here yet).
+    With ``pp`` > 1 returns the pipeline wrapper of ``distributed/pipeline.py`` instead: this rank's
+    stages, their blocks context/tensor-parallel when ``cp``/``tp`` > 1, sharded with FSDP2 over the
+    data-parallel (and cp) ranks when ``dp_shard``/``dp_replicate``/``cp`` > 1.
     """
     config.validate(mesh.size())
     missing = [axis for axis in MESH_AXES if axis not in (mesh.mesh_dim_names or ())]
@@ -56,17 +61,15 @@ def parallelize_dit(model: nn.Module, mesh: DeviceMesh, config: ParallelConfig) 
     if config.pp > 1:
         return _pipeline(model, mesh, config)
 
-    if config.tp > 1:
-        apply_tensor_parallel(model, mesh["tp"])
     if config.cp > 1:
-        if config.tp > 1:
-            raise MugenError(
-                "parallelize_dit: cp > 1 together with tp > 1 is not supported yet (both split the token "
-                "sequence); use one of them"
-            )
+        # Context parallel first: its block hooks cut the sequence into cp chunks (and its ring
+        # replaces self-attention's attention_op), then tensor parallel works inside each chunk
+        # (its hooks and its padding wrapper around the ring come second, see tensor_parallel.py).
         from mugen.distributed.context_parallel import apply_context_parallel
 
         apply_context_parallel(model, mesh["cp"])
+    if config.tp > 1:
+        apply_tensor_parallel(model, mesh["tp"])
     apply_activation_checkpointing(model.blocks, config.activation_checkpointing)
     if config.compile_blocks:
         compile_blocks(model.blocks)
@@ -83,15 +86,36 @@ def parallelize_dit(model: nn.Module, mesh: DeviceMesh, config: ParallelConfig) 
 
 
 def _pipeline(model: nn.Module, mesh: DeviceMesh, config: ParallelConfig):
-    others = {axis: getattr(config, axis) for axis in ("dp_replicate", "dp_shard", "cp", "tp") if getattr(config, axis) > 1}
-    if others or config.activation_checkpointing != "none" or config.compile_blocks:
-        raise MugenError(
-            f"parallelize_dit: pp={config.pp} is applied on its own here; drop {others or 'recompute/compile'} "
-            "or set pp=1"
-        )
+    """Pipeline stages over ``pp`` whose blocks are context/tensor-parallel over ``cp``/``tp``, each
+    stage sharded with FSDP2 over the data-parallel (and cp) ranks that hold the same stage."""
     from mugen.distributed.pipeline import PipelinedDiT
 
-    return PipelinedDiT(model, mesh["pp"], n_microbatches=config.pp_microbatches, schedule=config.pp_schedule)
+    # Context and tensor parallelism, recomputation and compilation change each block in place, so
+    # the stages cut below inherit them (the stages send each other cp chunks / tp slices); each
+    # stage carries the fused-row layout of its own parameters.
+    if config.cp > 1:
+        from mugen.distributed.context_parallel import apply_context_parallel
+
+        apply_context_parallel(model, mesh["cp"])
+    if config.tp > 1:
+        apply_tensor_parallel(model, mesh["tp"])
+    apply_activation_checkpointing(model.blocks, config.activation_checkpointing)
+    if config.compile_blocks:
+        compile_blocks(model.blocks)
+    pipe = PipelinedDiT(model, mesh["pp"], n_microbatches=config.pp_microbatches, schedule=config.pp_schedule)
+    fused_rows = getattr(model, FUSED_ROWS_ATTRIBUTE, {})
+    for stage in pipe.stages:
+        names = set(stage.state_dict())
+        setattr(stage, FUSED_ROWS_ATTRIBUTE, {name: layout for name, layout in fused_rows.items() if name in names})
+    dp_mesh = data_parallel_mesh(mesh)
+    if dp_mesh is not None:
+        pipe.shard_data_parallel(
+            dp_mesh,
+            param_dtype=config.param_dtype,
+            reduce_dtype=config.reduce_dtype,
+            reshard_after_forward=config.reshard_after_forward,
+        )
+    return pipe
 
 
 def data_parallel_rank(mesh: DeviceMesh) -> tuple[int, int]:

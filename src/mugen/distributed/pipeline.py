@@ -25,6 +25,13 @@ The loss is the flow objective's per-sample loss (``mugen.flow.objective.flow_ma
 weighted and averaged over the micro-batch; the schedule scales gradients by 1 / micro-batches, so
 the gradients are those of the mean over the whole batch, as in the single-process run.
 
+Composition (``parallelize_dit`` with pp > 1): blocks made context- and/or tensor-parallel before
+the cut keep it inside their stage, and the stages then send each other this rank's cp chunk / tp
+slice of the hidden states (only the model's first block splits the sequence, only its last
+gathers it); ``shard_data_parallel`` puts each stage under FSDP2 over the ranks that hold the same
+stage (dp, and cp). ``mugen train dit --parallel pp=...`` drives this class through
+``train/pipeline_run.py``.
+
 Usage (one call per rank, every rank with the same batch, t and noise)::
 
     pipe = PipelinedDiT(model, pp_mesh, n_microbatches=4, schedule="1F1B")
@@ -40,9 +47,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+from torch.distributed.tensor import DTensor
 
 from mugen.distributed.context_parallel import process_group_of
+from mugen.distributed.mesh import PRECISION_DTYPES
 from mugen.errors import MugenError
 from mugen.flow.objective import flow_matching_loss, sample_flow_path
 from mugen.models.common.rope import rope_rotations, video_rope_angles
@@ -204,9 +214,39 @@ class PipelinedDiT:
         ranges = stage_block_ranges(len(model.blocks), self.num_stages)
         self.stage_indices = [self.pp_rank + v * self.pp_size for v in range(stages_per_rank)]
         self.stages = [DiTPipelineStage(model, index, self.num_stages, ranges[index]) for index in self.stage_indices]
-        self.device = model.x_embedder.proj.weight.device
         self.last_stage_rank = dist.get_global_rank(self.group, (self.num_stages - 1) % self.pp_size)
         self._schedules: dict[tuple, object] = {}  # input shape -> schedule over fresh PipelineStages
+
+    @property
+    def device(self) -> torch.device:
+        """Where this rank's stages live (read when used: stages cut from a meta-device model are
+        materialised afterwards, e.g. by ``pipeline_run.initialize_stages``)."""
+        parameter = next(self.parameters())
+        return parameter.to_local().device if isinstance(parameter, DTensor) else parameter.device
+
+    def shard_data_parallel(
+        self, dp_mesh, param_dtype: str = "bf16", reduce_dtype: str = "fp32", reshard_after_forward: bool = True
+    ) -> None:
+        """FSDP2 (HSDP on a 2D mesh) over the data-parallel ranks of this rank's stages, in place.
+
+        Each block is one unit, then the stage itself (its embedders or head), as ``fsdp.apply_fsdp``
+        does for the whole model. The pipeline schedule tells FSDP which backward is a step's last
+        one, so gradients are reduced once per ``flow_step``. The stage root does not cast its
+        inputs: the latents, noise and flow times of the loss stay in their own dtype (the blocks
+        still compute in ``param_dtype``). Call before the first ``flow_step``.
+        """
+        if self._schedules:
+            raise MugenError("pipeline: shard_data_parallel must come before the first flow_step")
+        blocks_policy = MixedPrecisionPolicy(param_dtype=PRECISION_DTYPES[param_dtype], reduce_dtype=PRECISION_DTYPES[reduce_dtype])
+        root_policy = MixedPrecisionPolicy(
+            param_dtype=PRECISION_DTYPES[param_dtype], reduce_dtype=PRECISION_DTYPES[reduce_dtype], cast_forward_inputs=False
+        )
+        for stage in self.stages:
+            blocks = list(stage.blocks.values())
+            for index, block in enumerate(blocks):
+                keep = index == len(blocks) - 1 and stage.is_last  # backward needs the last block at once
+                fully_shard(block, mesh=dp_mesh, mp_policy=blocks_policy, reshard_after_forward=reshard_after_forward and not keep)
+            fully_shard(stage, mesh=dp_mesh, mp_policy=root_policy, reshard_after_forward=reshard_after_forward)
 
     def named_parameters(self):
         """This rank's parameters under the full model's names (``blocks.13.attn.qkv.weight``)."""
@@ -236,10 +276,13 @@ class PipelinedDiT:
 
         ``max_norm`` <= 0 only measures. Every pipeline rank must call it (one all-reduce).
         """
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        squared = torch.zeros((), dtype=torch.float64, device=self.device)
-        for grad in grads:
-            squared += grad.detach().double().square().sum()
+        from mugen.distributed.parallelize import clip_grad_norm_
+
+        parameters = list(self.parameters())
+        grads = [p.grad for p in parameters if p.grad is not None]
+        # This rank's stages (DTensor shards of FSDP counted once), then summed over the stages.
+        stage_norm = float(clip_grad_norm_(parameters, 0.0))
+        squared = torch.tensor(stage_norm**2, dtype=torch.float64, device=self.device)
         dist.all_reduce(squared, group=self.group)
         total = squared.sqrt().float()
         if max_norm > 0 and float(total) > max_norm:

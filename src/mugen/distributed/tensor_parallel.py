@@ -18,6 +18,12 @@ cross-attention and ``1 / tp`` of the MLP's hidden units:
 * A sequence whose length does not divide by ``tp`` is padded at the end with zero tokens; the
   padding is left out of the self-attention keys (``attn.attention_op`` is wrapped), cross-attention
   and the MLP are per token, and the padding is dropped after the last block, so it changes nothing.
+* With context parallelism (``parallelize_dit`` applies it first, on a (cp, tp) mesh) "the
+  sequence" above is this rank's contiguous cp chunk: context parallelism's block pre-hook runs
+  first and hands the block the chunk's tokens, RoPE rotations and clean-token mask; the tp slices
+  are slices of the chunk; the self-attention of the local heads over the chunk goes to the wrapped
+  ``attention_op``, which is then the ring over the cp ranks that hold the same heads; and after
+  the last block the slices are gathered into the chunk before the chunks are gathered.
 
 Fused projections: ``qkv`` stores rows as [q | k | v] (and ``kv_linear`` as [k | v]), each part in
 head order. A plain column split would hand rank 0 all of q and part of k, so before sharding the
@@ -29,7 +35,9 @@ Parameters that stay replicated inside a block but only see a rank's share of th
 table, the cross-attention LayerNorm, the QK-norm gains) get a gradient hook that sums their
 gradient over the ``tp`` group; so do the replicated adaLN signals entering each block.
 Everything outside the blocks (embedders, final layer) runs replicated on the whole sequence: the
-sequence is split before the first block and gathered after the last one.
+sequence is split before the first block and gathered after the last one. Pipeline stages cut
+from a tensor-parallel model (``parallelize_dit`` with pp and tp) therefore send each other the
+tp slices of the hidden states (1 / tp of the sequence per rank), and only the last stage gathers.
 
 Communication per block and step: 3 all-gathers (self-attention, cross-attention, MLP inputs) and
 3 reduce-scatters forward, the mirror image backward, plus small all-reduces of the adaLN signal
@@ -256,8 +264,9 @@ class _SequenceParallelHooks:
         x, text, text_attn_mask, t_mod, t0_mod, clean_tokens, rope = args
         tokens = rope.shape[2]  # rope (B, 1, N + 2, hd / 2) always covers the whole sequence
         padding = -tokens % self.world  # tokens appended so that the sequence splits evenly
-        if x.shape[1] == tokens:  # the first block (of this model or pipeline stage): split
-            self.real_tokens = tokens
+        # Set on every block: a later pipeline stage starts at a block that gets slices already.
+        self.real_tokens = tokens
+        if x.shape[1] == tokens:  # the model's first block: split (later blocks get slices)
             x = F.pad(x, (0, 0, 0, padding))  # (B, N + 2 + padding, d), zero tokens at the end
             x = _SplitSequence.apply(x, self.group, self.rank, self.world)
         if clean_tokens is None:
@@ -328,6 +337,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
         block.attn.attention_op = _AttendToRealTokens(block.attn.attention_op, hooks)
         block.cross_attn.num_heads = num_heads // tp
         block.register_forward_pre_hook(hooks.before_block)
-    blocks[-1].register_forward_hook(hooks.after_last_block)
+    # prepend: with context parallelism applied first, the tp slices are gathered into the cp chunk
+    # before context parallelism gathers the chunks into the sequence.
+    blocks[-1].register_forward_hook(hooks.after_last_block, prepend=True)
     setattr(model, FUSED_ROWS_ATTRIBUTE, fused_rows)
     return model

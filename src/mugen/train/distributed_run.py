@@ -35,12 +35,15 @@ do not:
   unchanged.
 
 Tested on gloo/CPU against the single-process run (tests/distributed/test_distributed_train.py,
-test_distributed_train_averages.py, test_distributed_train_balanced.py): dp_shard, tp, cp,
-dp_shard x tp, gradient accumulation, resume on the same or another layout, EMA and snapshots
-(dp_shard, tp, resumed), balanced batches (dp_shard, resumed). Not wired yet: pipeline stages
-(pp > 1) and curricula on several processes (each raises a MugenError). Every rank reads the whole
-global batch (simple and deterministic; the data-loading cost is repeated per rank), and the
-per-timestep loss bins and ``samples`` in the logs are rank 0's share.
+test_distributed_train_averages.py, test_distributed_train_balanced.py,
+test_distributed_train_pipeline.py): dp_shard, tp, cp, dp_shard x tp, cp x tp, gradient
+accumulation, resume on the same or another layout, EMA and snapshots (dp_shard, tp, resumed),
+balanced batches (dp_shard, resumed), pipeline stages (``PipelineRun`` of pipeline_run.py: pp,
+pp x dp_shard, pp x tp, resumed with or without stages). Not wired yet: curricula on several
+processes, and --balanced / EMA / snapshots together with pipeline stages (each raises a
+MugenError naming the option). Every rank reads the whole global batch (simple and deterministic;
+the data-loading cost is repeated per rank), and the per-timestep loss bins and ``samples`` in the
+logs are rank 0's share.
 """
 
 from __future__ import annotations
@@ -124,11 +127,6 @@ def parallel_config(values: dict | None, world_size: int, autocast: bool):
     values.setdefault("param_dtype", "bf16" if autocast else "fp32")
     config = dataclass_from_dict(ParallelConfig, values, "--parallel / config section 'parallel'")
     config.validate(world_size)
-    if config.pp > 1:
-        raise MugenError(
-            f"--parallel pp={config.pp}: pipeline stages are not wired into `mugen train dit` yet; "
-            "use dp_replicate/dp_shard/cp/tp (pp=1)"
-        )
     if world_size == 1:
         return None  # a one-rank layout is the single-process run
     return config
@@ -423,4 +421,22 @@ def parallel_run_for(spec) -> ParallelRun | None:
             f"batch size {smallest} is smaller than the {config.data_parallel_size} data-parallel ranks of --parallel; "
             "each rank needs at least one sample of every micro-batch: raise --batch-size/--image-batch-size"
         )
+    if config.pp > 1:  # pipeline stages: train/pipeline_run.py
+        from mugen.train.pipeline_run import PipelineRun
+
+        unsupported = [
+            flag
+            for flag, used in (
+                ("--balanced", spec.balanced),
+                ("--ema-decay", spec.ema_decay is not None),
+                ("--snapshot-every", bool(spec.snapshot_every)),
+            )
+            if used
+        ]
+        if unsupported:
+            raise MugenError(
+                f"{', '.join(unsupported)} together with pipeline stages (--parallel pp={config.pp}) is not available yet; "
+                "drop the option or train without pp (dp_shard/tp/cp)"
+            )
+        return PipelineRun(config, spec.device, (spec.batch_size, spec.image_batch_size))
     return ParallelRun(config, spec.device, micro_batches=spec.train.grad_accum)

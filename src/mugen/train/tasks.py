@@ -59,6 +59,24 @@ class DiTFlowTask:
     def compute_loss(self, model: nn.Module, batch: dict, generator: torch.Generator, rows: slice | None = None) -> LossOutput:
         """``rows``: compute the loss of these samples only, with the noise, flow times and dropout
         drawn for the whole batch (a data-parallel rank's share of a global batch, ``distributed_run.py``)."""
+        default_fps = model.config.default_fps if batch.get("fps") is not None else None
+        inputs = self.draw_inputs(batch, generator, default_fps, rows)
+        per_sample = flow_matching_loss(
+            model_velocity_fn(model, inputs.text, inputs.fps), inputs.x0, inputs.t, inputs.noise, inputs.frame_cond_mask,
+            sample_weight=inputs.weights,
+        )
+        return LossOutput(
+            loss=per_sample.mean(),
+            per_sample=per_sample.detach(),
+            timesteps=inputs.t.detach(),
+            metrics={"text_dropped": inputs.text_dropped},
+        )
+
+    def draw_inputs(self, batch: dict, generator: torch.Generator, default_fps: float | None, rows: slice | None = None) -> "FlowInputs":
+        """Everything random of a step (flow times, noise, first-frame masks, text dropout), drawn for
+        the whole batch in a fixed order, then cut to ``rows``; the pipeline-parallel run
+        (``pipeline_run.py``) feeds the same inputs to its stages. ``default_fps`` replaces a
+        frame rate of 0 (unknown)."""
         cfg = self.config
         x0 = batch["latents"]  # (B, C, T, h, w), one shape per batch (shape buckets)
         batch_size, _, latent_frames, height, width = x0.shape
@@ -84,21 +102,27 @@ class DiTFlowTask:
         weights = torch.tensor([cfg.image_loss_weight if k == "image" else 1.0 for k in kinds], device=device)
         fps = batch.get("fps")
         if fps is not None:  # manifests without a frame rate (e.g. the official CSV) carry 0
-            fps = torch.where(fps > 0, fps, torch.full_like(fps, model.config.default_fps))
+            fps = torch.where(fps > 0, fps, torch.full_like(fps, default_fps))
         if rows is not None:  # everything above was drawn for the whole batch: the same on every rank
             x0, t, noise, weights = x0[rows], t[rows], noise[rows], weights[rows]
             frame_cond_mask = None if frame_cond_mask is None else frame_cond_mask[rows]
             text = TextFeatures(text.states[rows], text.mask[rows])
             fps = None if fps is None else fps[rows]
-        per_sample = flow_matching_loss(
-            model_velocity_fn(model, text, fps), x0, t, noise, frame_cond_mask, sample_weight=weights
-        )
-        return LossOutput(
-            loss=per_sample.mean(),
-            per_sample=per_sample.detach(),
-            timesteps=t.detach(),
-            metrics={"text_dropped": float(drop.float().mean())},
-        )
+        return FlowInputs(x0, t, noise, frame_cond_mask, text, fps, weights, float(drop.float().mean()))
+
+
+@dataclass
+class FlowInputs:
+    """One step's inputs of the flow loss (``DiTFlowTask.draw_inputs``)."""
+
+    x0: Tensor  # (B, C, T, h, w) clean latents
+    t: Tensor  # (B,) flow times in [0, 1]
+    noise: Tensor  # (B, C, T, h, w)
+    frame_cond_mask: Tensor | None  # (B, T) bool, True = clean conditioning frame
+    text: TextFeatures  # (B, L, D) states and (B, L) mask, dropped captions replaced by the null text
+    fps: Tensor | None  # (B,)
+    weights: Tensor  # (B,) per-sample loss weights (images: image_loss_weight)
+    text_dropped: float  # fraction of the whole batch's captions dropped
 
 
 def replace_with_null_text(text: TextFeatures, null_text: TextFeatures, drop: Tensor) -> TextFeatures:

@@ -1,0 +1,113 @@
+"""`mugen train dit --parallel` with pipeline stages (pp) and with cp x tp gives the single-process losses.
+
+The reference is the single-process `mugen train dit` on a tiny manifest (global batch 4, 2
+micro-batches per step, gradient clipping that acts, a depth-2 model: one block per stage). The
+same command on pp=2 (2 processes, 2 pipeline micro-batches per step), pp=2 x dp_shard=2 (4
+processes: FSDP2 over the two ranks of each stage, 2 samples per data-parallel group) and cp=2 x
+tp=2 (4 processes) must log the same losses and gradient norms for 3 steps (rtol 1e-5, as
+test_distributed_train.py: fp32 sums in another order move the last bits). The pipeline runs are
+then resumed from their step-3 sharded checkpoint for a 4th step (pp=2 on pp=2; pp=2 x dp_shard=2
+on dp_shard=2, a layout without stages), which must log the reference's 4th loss.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from launcher import run_distributed
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
+from latent_data import build_latent_dataset  # noqa: E402
+
+from mugen.cli import main  # noqa: E402
+
+STEPS = 4
+BATCH = 4
+LOSS_RTOL = 1e-5
+CONFIG = {
+    "train": {
+        "lr": 1e-3, "log_every": 1, "checkpoint_every": 2, "prefetch": 0, "grad_clip": 0.2, "warmup_steps": 1, "grad_accum": 2,
+        "decay": "constant",  # the learning rate of step 3 must not depend on --steps (3, then 4 on resume)
+    },
+    "model": {"depth": 2},
+}
+
+
+def train_command(manifest: Path, config: Path, output: Path, steps: int, *extra: str) -> list[str]:
+    return [
+        "train", "dit", "--manifest", str(manifest), "--output", str(output), "--config", str(config),
+        "--steps", str(steps), "--batch-size", str(BATCH), "--seed", "5", *extra,
+    ]
+
+
+def train_on_rank(rank: int, world_size: int, argv: list[str]) -> int:
+    return main(argv)
+
+
+def logged(output: Path, name: str) -> list[float]:
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    values = {record["step"]: record[name] for record in records if name in record}
+    return [values[step] for step in sorted(values)]
+
+
+@pytest.fixture(scope="module")
+def problem(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("dtrain_pp")
+    manifest = build_latent_dataset(root / "data", videos=8, images=4)  # 2 video batches and 1 image batch per epoch
+    config = root / "config.json"
+    config.write_text(json.dumps(CONFIG))
+    reference = root / "single"
+    assert main(train_command(manifest, config, reference, STEPS)) == 0
+    losses = logged(reference, "loss")
+    assert len(losses) == STEPS and len(set(losses)) == STEPS
+    norms = logged(reference, "grad_norm")
+    assert min(norms) > CONFIG["train"]["grad_clip"], "clipping must act, so that the norm over stages matters"
+    return {"root": root, "manifest": manifest, "config": config, "losses": losses, "norms": norms}
+
+
+@pytest.mark.parametrize(
+    "layout, world_size, resume_layout, resume_world_size",
+    [
+        ("pp=2,pp_microbatches=2", 2, "pp=2,pp_microbatches=2", 2),
+        # resumed without stages: the pipeline checkpoint is an ordinary sharded one
+        ("pp=2,dp_shard=2,pp_microbatches=2", 4, "dp_shard=2", 2),
+        # stages of tensor-parallel blocks (tp slices travel between stages), resumed on tp alone
+        ("pp=2,tp=2,pp_microbatches=2", 4, "tp=2", 2),
+        ("cp=2,tp=2", 4, None, 0),
+    ],
+)
+def test_parallel_run_gives_single_process_losses(problem, layout, world_size, resume_layout, resume_world_size):
+    output = problem["root"] / layout.replace("=", "").replace(",", "_")
+    argv = train_command(problem["manifest"], problem["config"], output, STEPS - 1, "--parallel", layout)
+    assert run_distributed(train_on_rank, world_size, args=(argv,)) == [0] * world_size
+    assert logged(output, "loss") == pytest.approx(problem["losses"][: STEPS - 1], rel=LOSS_RTOL)
+    # the gradient norm over all stages / shards is the single-process one (clipping acts: it is above 0.2)
+    assert logged(output, "grad_norm") == pytest.approx(problem["norms"][: STEPS - 1], rel=LOSS_RTOL)
+    checkpoint = output / "checkpoints" / f"step_{STEPS - 1:08d}"
+    assert (checkpoint / ".metadata").is_file()
+    assert json.loads((checkpoint / "meta.json").read_text())["world_size"] == world_size
+    if resume_layout is None:
+        return
+    argv = train_command(problem["manifest"], problem["config"], output, STEPS, "--parallel", resume_layout)
+    assert run_distributed(train_on_rank, resume_world_size, args=(argv,)) == [0] * resume_world_size
+    assert logged(output, "loss") == pytest.approx(problem["losses"], rel=LOSS_RTOL)
+
+
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        ({"pp": 2, "pp_microbatches": 3}, "shares of [4] samples, which do not split into pp_microbatches=3"),
+        ({"pp": 2, "dp_shard": 2, "pp_microbatches": 2}, "shares of [1, 2] samples"),  # batch 3 over 2 groups
+        ({"pp": 2, "pp_schedule": "Interleaved1F1B"}, "keeps one stage per rank"),
+    ],
+)
+def test_pipeline_layouts_that_cannot_run_are_refused_before_starting(layout, message):
+    from mugen.distributed.mesh import ParallelConfig
+    from mugen.errors import MugenError
+    from mugen.train.pipeline_run import PipelineRun
+
+    with pytest.raises(MugenError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        PipelineRun(ParallelConfig(**layout), "cpu", (BATCH - 1 if layout.get("dp_shard") else BATCH, None))
