@@ -107,8 +107,10 @@ class ScaledDotProductAttention(nn.Module):
         # q (B, heads, N, hd), k/v (B, heads, L, hd), attn_mask broadcastable to (B, heads, N, L)
         name = self.backend or get_sdpa_backend()
         if name == "fa4":
-            from mugen.models.common.flash_attn4 import fa4_applies, fa4_attention
+            from mugen.models.common.flash_attn4 import autocast_inputs, fa4_applies, fa4_attention
 
+            if attn_mask is None and q.is_cuda:
+                q, k, v = autocast_inputs(q, k, v)  # as SDPA would under autocast
             if fa4_applies(q, attn_mask):  # FlashAttention's layout is (B, tokens, heads, hd)
                 return fa4_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
         priority = backend_priority(name, q.device)

@@ -130,6 +130,19 @@ def fa4_attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float | None =
     return out
 
 
+def autocast_inputs(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """The tensors in the autocast dtype when autocast is on for their device (what SDPA does to its inputs).
+
+    Under ``torch.autocast`` the torch path's q/k come out of the fp32 norms and RoPE in float32; SDPA casts
+    them to bf16 itself, a custom op does not, so the ``fa4`` route casts them first.
+    """
+    device_type = tensors[0].device.type
+    if not tensors[0].is_floating_point() or not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) for t in tensors)
+
+
 def fa4_applies(q: Tensor, attn_mask: Tensor | None) -> bool:
     """Whether a call can run on FlashAttention-4: unmasked, half precision, CUDA compute capability >= 9.0."""
     if attn_mask is not None or not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16) or q.shape[-1] % 8:

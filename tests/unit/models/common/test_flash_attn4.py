@@ -133,3 +133,14 @@ def test_calls_fa4_does_not_take_go_through_sdpa(stand_in):
     assert stand_in.calls == {"fwd": 0, "bwd": 0}
     assert not flash_attn4.fa4_applies(q.to(torch.bfloat16), None)  # CPU
     assert backend_priority("fa4", torch.device("cpu")) is None
+
+
+def test_autocast_inputs_are_cast_like_sdpa_casts_them():
+    """Under autocast the torch path hands float32 q/k to attention; the fa4 route must see bf16 (else it falls back)."""
+    q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
+    assert all(t.dtype == torch.float32 for t in flash_attn4.autocast_inputs(q, k, v))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = flash_attn4.autocast_inputs(q, k, v)
+        assert all(t.dtype == torch.bfloat16 for t in cast)
+        assert F.scaled_dot_product_attention(q, k, v).dtype == cast[0].dtype  # what SDPA itself does
+    torch.testing.assert_close(cast[0].float(), q, rtol=1e-2, atol=1e-2)
