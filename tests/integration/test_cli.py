@@ -147,3 +147,17 @@ def test_config_with_an_unknown_key_is_named(trained_chain, tmp_path, capsys):
     code, _, err = run_cli(["train", "dit", "--manifest", trained_chain / "enc" / "manifest.parquet", "--config", bad, "--output", tmp_path / "r"], capsys)
     assert code == 2 and "stepz" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_attention_option_sets_the_backend_of_the_run_and_rejects_unknown_ones(capsys):
+    from mugen.models.common.attention import get_sdpa_backend, set_sdpa_backend
+
+    before = get_sdpa_backend()
+    try:
+        code, out, _ = run_cli(["--attention", "MATH", "plan", "--preset", "1B", "--resolution", "360p", "--latent-frames", "10", "--gpu", "h100", "--gpus", "8"], capsys)
+        assert code == 0 and out
+        assert get_sdpa_backend() == "math"
+        code, _, err = run_cli(["--attention", "fa5", "plan", "--preset", "1B", "--gpus", "8"], capsys)
+        assert code == 2 and "SDPA backend 'fa5' is unknown" in err and "fa4" in err
+    finally:
+        set_sdpa_backend(before)
