@@ -86,6 +86,32 @@ def correctness() -> dict:
     return errors
 
 
+def masked_correctness() -> dict:
+    """Cross-attention to padded text: 1,031 queries, 300 text keys of which 120 and 60 are real (B 2)."""
+    generator = torch.Generator("cuda").manual_seed(5)
+    q, grad = (torch.randn(2, 4, 1031, HEAD_DIM, device="cuda", generator=generator).bfloat16().float() for _ in range(2))
+    k, v = (torch.randn(2, 4, 300, HEAD_DIM, device="cuda", generator=generator).bfloat16().float() for _ in range(2))
+    keep = torch.arange(300, device="cuda")[None, :] < torch.tensor([[120], [60]], device="cuda")  # (B, L)
+    mask = keep[:, None, None, :]
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with sdpa_kernel(SDPBackend.MATH):
+        expected = F.scaled_dot_product_attention(*leaves, attn_mask=mask)
+    expected_grads = torch.autograd.grad(expected, leaves, grad)
+    errors = {}
+    for name in ("cudnn", "fa4"):
+        inputs = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+        if name == "cudnn":
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                out = F.scaled_dot_product_attention(*inputs, attn_mask=mask)
+        else:
+            out = fa4_attention(*(t.transpose(1, 2) for t in inputs), key_padding_mask=keep).transpose(1, 2)
+        grads = torch.autograd.grad(out, inputs, grad.bfloat16())
+        errors[name] = {"out": relative_error(out, expected), **{f"d{n}": relative_error(g, e) for n, g, e in zip("qkv", grads, expected_grads)}}
+        errors[name]["padded_key_grads_zero"] = bool((grads[1][~mask[:, 0, 0, :][:, None, :, None].expand_as(grads[1])] == 0).all())
+        print(json.dumps({"cross_attention_padded_text": name, **errors[name]}), flush=True)
+    return errors
+
+
 def timing(name: str, args) -> dict:
     batch, heads, tokens, backward = SHAPES[name]
     generator = torch.Generator("cuda").manual_seed(4)
@@ -136,6 +162,7 @@ def main() -> None:
     except Exception as error:  # noqa: BLE001
         record["versions_error"] = str(error)
     record["correctness_vs_fp32_math"] = correctness()
+    record["cross_attention_padded_text_vs_fp32_math"] = masked_correctness()
     record["timings"] = [timing(name, args) for name in args.shapes.split(",")]
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:

@@ -15,8 +15,8 @@ torch's own choice (memory-efficient) cost ~110 ms more per 1B training step tha
 :func:`set_sdpa_backend`, or per module (``ScaledDotProductAttention(backend="flash")``). A named
 backend is tried first for every call and the others follow as fall-backs; ``default`` leaves the
 choice to torch entirely. ``fa4`` runs unmasked half-precision attention on Hopper or newer through the
-optional FlashAttention-4 kernels (``mugen.models.common.flash_attn4``, ``pip install flash-attn-4``)
-and everything else like ``cudnn``.
+optional FlashAttention-4 kernels (``mugen.models.common.flash_attn4``, ``pip install flash-attn-4``),
+also with a key-padding mask (the cross-attention to padded text), and everything else like ``cudnn``.
 
 cuDNN's backward is handed a gradient with the output's own strides (one copy when they differ):
 with heads-first q/k/v, the merged-heads reshape gives a gradient in another layout, and the cuDNN
@@ -107,12 +107,13 @@ class ScaledDotProductAttention(nn.Module):
         # q (B, heads, N, hd), k/v (B, heads, L, hd), attn_mask broadcastable to (B, heads, N, L)
         name = self.backend or get_sdpa_backend()
         if name == "fa4":
-            from mugen.models.common.flash_attn4 import autocast_inputs, fa4_applies, fa4_attention
+            from mugen.models.common.flash_attn4 import autocast_inputs, fa4_applies, fa4_attention, key_padding_mask_of
 
-            if attn_mask is None and q.is_cuda:
+            if q.is_cuda:
                 q, k, v = autocast_inputs(q, k, v)  # as SDPA would under autocast
-            if fa4_applies(q, attn_mask):  # FlashAttention's layout is (B, tokens, heads, hd)
-                return fa4_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+            if fa4_applies(q, attn_mask, k.shape[2]):  # FlashAttention's layout is (B, tokens, heads, hd)
+                key_mask = key_padding_mask_of(attn_mask, q.shape[0], k.shape[2])
+                return fa4_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), key_padding_mask=key_mask).transpose(1, 2)
         priority = backend_priority(name, q.device)
         if priority is None:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, N, hd)

@@ -5,9 +5,9 @@ MUG-DiT's head dim is 72. Torch's SDPA backends run it in 128-wide tiles on Hopp
 as the floor of every speed target. FlashAttention-4 (the ``flash-attn-4`` package, a CuTe DSL
 kernel library with Hopper forward and backward kernels, JIT-compiled on first use) picks tiles for
 head dims up to 96 instead. mugen never requires it: it is used only when asked for
-(``MUGEN_SDPA_BACKEND=fa4`` or ``ScaledDotProductAttention(backend="fa4")``) and only for unmasked
-bf16/fp16 attention on a CUDA GPU of compute capability 9.0 or newer; every other call (the masked
-cross-attention to padded text, CPU, fp32) goes through SDPA as before.
+(``MUGEN_SDPA_BACKEND=fa4`` or ``ScaledDotProductAttention(backend="fa4")``) and only for bf16/fp16
+attention on a CUDA GPU of compute capability 9.0 or newer, unmasked or with a key-padding mask (the
+cross-attention to padded text); every other call (other masks, CPU, fp32) goes through SDPA as before.
 
 The kernels are wrapped as ``torch.library`` custom ops with fake (meta) implementations and a
 registered backward, so compiled blocks (``torch.compile``) keep them as single graph nodes instead
@@ -52,14 +52,17 @@ def fa4_available() -> bool:
 
 
 @torch.library.custom_op("mugen::fa4_attention_forward", mutates_args=())
-def _forward(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float) -> tuple[Tensor, Tensor]:
-    # q (B, N, H, D), k/v (B, L, H, D) -> out (B, N, H, Dv), lse (B, H, N) float32
-    result = _interface()._flash_attn_fwd(q, k, v, softmax_scale=softmax_scale, causal=False, return_lse=True)
+def _forward(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, keys_used: Tensor | None) -> tuple[Tensor, Tensor]:
+    # q (B, N, H, D), k/v (B, L, H, D), keys_used (B,) int32 or None -> out (B, N, H, Dv), lse (B, H, N) float32
+    # keys_used[b]: sample b attends to its first keys_used[b] keys only (FlashAttention's seqused_k)
+    result = _interface()._flash_attn_fwd(
+        q, k, v, seqused_k=keys_used, softmax_scale=softmax_scale, causal=False, return_lse=True
+    )
     return result[0].contiguous(), result[1].contiguous()  # the layouts the fake promises
 
 
 @_forward.register_fake
-def _(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float) -> tuple[Tensor, Tensor]:
+def _(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, keys_used: Tensor | None) -> tuple[Tensor, Tensor]:
     batch, tokens, heads, _ = q.shape
     return q.new_empty(batch, tokens, heads, v.shape[-1]), q.new_empty((batch, heads, tokens), dtype=torch.float32)
 
@@ -84,7 +87,7 @@ def _pad_last(t: Tensor, size: int) -> Tensor:
 
 @torch.library.custom_op("mugen::fa4_attention_backward", mutates_args=())
 def _backward(
-    q: Tensor, k: Tensor, v: Tensor, out: Tensor, grad_out: Tensor, lse: Tensor, softmax_scale: float
+    q: Tensor, k: Tensor, v: Tensor, out: Tensor, grad_out: Tensor, lse: Tensor, softmax_scale: float, keys_used: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor]:
     # The Hopper backward of flash-attn-4 4.0.0b12 returned a wrong dq (relative error ~1) for head
     # dims 72 and 80 on an H100, right ones for 64, 96 and 128 (benchmarks/results/fa4_attention.md).
@@ -93,41 +96,64 @@ def _backward(
     head_dim = q.shape[-1]
     padded = backward_head_dim(head_dim)
     q, k, v, out, grad_out = (_pad_last(t, padded) for t in (q, k, v, out, grad_out))
-    result = _interface()._flash_attn_bwd(q, k, v, out, grad_out, lse, softmax_scale, False)
+    result = _interface()._flash_attn_bwd(q, k, v, out, grad_out, lse, softmax_scale, False, seqused_k=keys_used)
     return tuple(g[..., :head_dim].contiguous() for g in result[:3])
 
 
 @_backward.register_fake
-def _(q, k, v, out, grad_out, lse, softmax_scale):
+def _(q, k, v, out, grad_out, lse, softmax_scale, keys_used):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, softmax_scale = inputs
+    q, k, v, softmax_scale, keys_used = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.save_for_backward(q, k, v, out, lse, keys_used)
     ctx.softmax_scale = softmax_scale
 
 
 def _autograd_backward(ctx, grad_out: Tensor, grad_lse: Tensor | None):
-    q, k, v, out, lse = ctx.saved_tensors
-    grad_q, grad_k, grad_v = _backward(q, k, v, out, grad_out, lse, ctx.softmax_scale)
-    return grad_q, grad_k, grad_v, None
+    q, k, v, out, lse, keys_used = ctx.saved_tensors
+    grad_q, grad_k, grad_v = _backward(q, k, v, out, grad_out, lse, ctx.softmax_scale, keys_used)
+    return grad_q, grad_k, grad_v, None, None
 
 
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
-def fa4_attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float | None = None) -> Tensor:
-    """``softmax(q k^T * scale) v`` without a mask, FlashAttention-4 kernels.
+def fa4_attention(
+    q: Tensor, k: Tensor, v: Tensor, softmax_scale: float | None = None, key_padding_mask: Tensor | None = None
+) -> Tensor:
+    """``softmax(q k^T * scale) v`` on FlashAttention-4 kernels, optionally over the kept keys only.
 
-    q (B, N, heads, hd), k/v (B, L, heads, hd) in bf16 or fp16 -> (B, N, heads, hd).
+    q (B, N, heads, hd), k/v (B, L, heads, hd) in bf16 or fp16, key_padding_mask (B, L) bool (True = attend;
+    the cross-attention's padded text) -> (B, N, heads, hd). Attention does not depend on the order of the
+    keys, so each sample's kept keys are moved to the front (a stable sort of the mask, gathered on the GPU:
+    no host sync, fixed shapes for compiled blocks) and the kernel reads the first ``mask.sum()`` of them.
     """
     if q.dim() != 4 or k.shape != v.shape[:-1] + (k.shape[-1],) or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
         raise MugenError(f"fa4_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} are not (B, tokens, heads, head_dim) alike")
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    out, _ = _forward(q, k, v, scale)
+    keys_used = None
+    if key_padding_mask is not None:
+        if key_padding_mask.shape != k.shape[:2] or key_padding_mask.dtype != torch.bool:
+            raise MugenError(
+                f"fa4_attention: key_padding_mask {tuple(key_padding_mask.shape)} {key_padding_mask.dtype} must be "
+                f"bool (B, L) = {tuple(k.shape[:2])}"
+            )
+        order = torch.argsort((~key_padding_mask).to(torch.int8), dim=1, stable=True)  # (B, L): kept keys first
+        index = order[:, :, None, None].expand_as(k)
+        k, v = k.gather(1, index), v.gather(1, index)
+        keys_used = key_padding_mask.sum(dim=1, dtype=torch.int32)  # (B,)
+    out, _ = _forward(q, k, v, scale, keys_used)
     return out
+
+
+def key_padding_mask_of(attn_mask: Tensor | None, batch: int, keys: int) -> Tensor | None:
+    """The (B, L) bool mask when ``attn_mask`` is a key-padding mask (bool, (B, 1, 1, L)), else None."""
+    if attn_mask is None or attn_mask.dtype != torch.bool or attn_mask.shape != (batch, 1, 1, keys):
+        return None
+    return attn_mask.reshape(batch, keys)
 
 
 def autocast_inputs(*tensors: Tensor) -> tuple[Tensor, ...]:
@@ -143,8 +169,11 @@ def autocast_inputs(*tensors: Tensor) -> tuple[Tensor, ...]:
     return tuple(t.to(dtype) for t in tensors)
 
 
-def fa4_applies(q: Tensor, attn_mask: Tensor | None) -> bool:
-    """Whether a call can run on FlashAttention-4: unmasked, half precision, CUDA compute capability >= 9.0."""
-    if attn_mask is not None or not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16) or q.shape[-1] % 8:
+def fa4_applies(q: Tensor, attn_mask: Tensor | None, keys: int | None = None) -> bool:
+    """Whether a call can run on FlashAttention-4: unmasked or with a (B, 1, 1, L) bool key-padding mask, half
+    precision, CUDA compute capability >= 9.0."""
+    if attn_mask is not None and key_padding_mask_of(attn_mask, q.shape[0], attn_mask.shape[-1] if keys is None else keys) is None:
+        return False
+    if not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16) or q.shape[-1] % 8:
         return False
     return torch.cuda.get_device_capability(q.device) >= (9, 0)

@@ -19,20 +19,25 @@ def _stand_in_interface() -> types.ModuleType:
     """flash_attn.cute.interface's two entry points, computed in float64 on (B, N, H, D) tensors."""
     calls = {"fwd": 0, "bwd": 0}
 
-    def scores(q, k, scale):
-        return torch.einsum("bnhd,blhd->bhnl", q.double(), k.double()) * scale  # (B, H, N, L)
+    def scores(q, k, scale, seqused_k):
+        s = torch.einsum("bnhd,blhd->bhnl", q.double(), k.double()) * scale  # (B, H, N, L)
+        if seqused_k is not None:  # sample b reads its first seqused_k[b] keys
+            assert seqused_k.dtype == torch.int32
+            unused = torch.arange(k.shape[1])[None, :] >= seqused_k[:, None].long()  # (B, L)
+            s = s.masked_fill(unused[:, None, None, :], float("-inf"))
+        return s
 
-    def _flash_attn_fwd(q, k, v, softmax_scale=None, causal=False, return_lse=False):
+    def _flash_attn_fwd(q, k, v, seqused_k=None, softmax_scale=None, causal=False, return_lse=False):
         assert not causal and q.stride(-1) == 1
         calls["fwd"] += 1
-        s = scores(q, k, softmax_scale)
+        s = scores(q, k, softmax_scale, seqused_k)
         lse = torch.logsumexp(s, dim=-1)  # (B, H, N)
         out = torch.einsum("bhnl,blhd->bnhd", torch.softmax(s, dim=-1), v.double())
         return out.to(q.dtype).contiguous(), lse.float(), None, None, None
 
-    def _flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale, causal):
+    def _flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale, causal, seqused_k=None):
         calls["bwd"] += 1
-        p = torch.exp(scores(q, k, softmax_scale) - lse.double()[..., None])  # (B, H, N, L) from the saved lse
+        p = torch.exp(scores(q, k, softmax_scale, seqused_k) - lse.double()[..., None])  # (B, H, N, L) from the saved lse
         dout = dout.double()
         dv = torch.einsum("bhnl,bnhd->blhd", p, dout)
         dp = torch.einsum("bnhd,blhd->bhnl", dout, v.double())
@@ -79,8 +84,12 @@ def test_a_compiled_function_keeps_the_kernel_as_one_op(stand_in):
     generator = torch.Generator().manual_seed(1)
     q, k, v = _qkv(generator, tokens=9, keys=9)
 
+    mask = torch.arange(9)[None, :] < torch.tensor([[9], [5]])  # (B, L) padded keys of the second sample
+
     def block(q, k, v):
-        return flash_attn4.fa4_attention(q, k, v, softmax_scale=0.3).sum(dim=2) * 2.0
+        full = flash_attn4.fa4_attention(q, k, v, softmax_scale=0.3)
+        padded = flash_attn4.fa4_attention(q, k, v, key_padding_mask=mask)
+        return (full + padded).sum(dim=2) * 2.0
 
     args = [t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v)]
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
@@ -96,10 +105,11 @@ def test_a_compiled_function_keeps_the_kernel_as_one_op(stand_in):
 
 def test_fake_implementations_match_the_real_outputs(stand_in):
     q, k, v = (torch.randn(1, 5, 2, 16, dtype=torch.float32) for _ in range(3))
-    torch.library.opcheck(flash_attn4._forward, (q, k, v, 0.25), test_utils=("test_schema", "test_faketensor"))
-    out, lse = flash_attn4._forward(q, k, v, 0.25)
+    used = torch.tensor([3], dtype=torch.int32)
+    torch.library.opcheck(flash_attn4._forward, (q, k, v, 0.25, used), test_utils=("test_schema", "test_faketensor"))
+    out, lse = flash_attn4._forward(q, k, v, 0.25, None)
     torch.library.opcheck(
-        flash_attn4._backward, (q, k, v, out, torch.randn_like(out), lse, 0.25), test_utils=("test_schema", "test_faketensor")
+        flash_attn4._backward, (q, k, v, out, torch.randn_like(out), lse, 0.25, None), test_utils=("test_schema", "test_faketensor")
     )
 
 
@@ -119,6 +129,38 @@ def test_missing_package_names_it_and_the_way_out(monkeypatch):
         assert not flash_attn4.fa4_available()
     finally:
         flash_attn4._interface.cache_clear()
+
+
+@pytest.mark.parametrize("pattern", ["prefix", "scattered"])
+def test_key_padding_mask_equals_sdpa_with_the_mask(stand_in, pattern):
+    """Padded text keys: kept keys are gathered to the front and the kernel reads only those (any mask pattern)."""
+    generator = torch.Generator().manual_seed(3)
+    q, k, v = _qkv(generator, batch=3, tokens=7, keys=10)
+    if pattern == "prefix":
+        mask = torch.arange(10)[None, :] < torch.tensor([[10], [4], [1]])  # (B, L): right-padded text
+    else:
+        mask = torch.rand(3, 10, generator=generator) > 0.5
+        mask[:, 3] = True
+    grad = torch.randn(3, 3, 7, 24, generator=generator)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+    expected_grads = torch.autograd.grad(expected, (q, k, v), grad)
+    key_mask = flash_attn4.key_padding_mask_of(mask[:, None, None, :], 3, 10)
+    assert torch.equal(key_mask, mask)
+    out = flash_attn4.fa4_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), key_padding_mask=key_mask).transpose(1, 2)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert torch.all(grads[1].transpose(1, 2)[~mask] == 0) and torch.all(grads[2].transpose(1, 2)[~mask] == 0)
+
+
+def test_only_key_padding_masks_are_taken():
+    mask = torch.ones(2, 1, 1, 5, dtype=torch.bool)
+    assert flash_attn4.key_padding_mask_of(mask, 2, 5) is not None
+    assert flash_attn4.key_padding_mask_of(mask.float(), 2, 5) is None  # additive masks: SDPA
+    assert flash_attn4.key_padding_mask_of(torch.ones(2, 1, 3, 5, dtype=torch.bool), 2, 5) is None  # per-query masks: SDPA
+    with pytest.raises(MugenError, match="key_padding_mask"):
+        flash_attn4.fa4_attention(torch.randn(2, 3, 1, 8), torch.randn(2, 5, 1, 8), torch.randn(2, 5, 1, 8), key_padding_mask=torch.ones(2, 4, dtype=torch.bool))
 
 
 def test_calls_fa4_does_not_take_go_through_sdpa(stand_in):
