@@ -12,7 +12,8 @@ cross-attention to padded text); every other call (other masks, CPU, fp32) goes 
 The kernels are wrapped as ``torch.library`` custom ops with fake (meta) implementations and a
 registered backward, so compiled blocks (``torch.compile``) keep them as single graph nodes instead
 of tracing into the DSL. Layout here is FlashAttention's: ``(B, tokens, heads, head_dim)``.
-Tested against flash-attn-4 4.0.0b36 (its ``flash_attn.cute.interface`` forward/backward entry points).
+Tested with flash-attn-4 4.0.0b12 and nvidia-cutlass-dsl 4.4.2 on an H100 (the ``fa4`` extra pins them), through
+its ``flash_attn.cute.interface`` forward/backward entry points.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch import Tensor
 
 from mugen.errors import MugenError
 
-TESTED_VERSION = "4.0.0b36"
+TESTED_VERSION = "flash-attn-4 4.0.0b12 with nvidia-cutlass-dsl 4.4.2"
 
 
 @functools.lru_cache(maxsize=1)
@@ -36,8 +37,8 @@ def _interface() -> ModuleType:
         from flash_attn.cute import interface
     except ImportError as error:
         raise MugenError(
-            "attention backend 'fa4' needs FlashAttention-4: `pip install flash-attn-4` "
-            f"(tested with {TESTED_VERSION}; it brings nvidia-cutlass-dsl), or choose another backend "
+            "attention backend 'fa4' needs FlashAttention-4: `pip install \"mugen[fa4]\"` or `pip install flash-attn-4` "
+            f"(tested: {TESTED_VERSION}), or choose another backend "
             f"(MUGEN_SDPA_BACKEND=auto). Import failed with: {error}"
         ) from error
     return interface
