@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from latent_data import build_latent_dataset
 from mugen.cli import main
