@@ -49,3 +49,19 @@ def read_state_dict_file(path: str | os.PathLike, what: str, expected: str, miss
         keys = list(state_dict)[:5] if isinstance(state_dict, dict) else type(state_dict).__name__
         raise MugenError(f"{what} {path} is not a plain {{name: tensor}} state dict (top level: {keys}); {wrapper_hint}")
     return state_dict
+
+
+def state_dict_problems(state_dict: dict[str, Tensor], expected: dict[str, Tensor]) -> list[str]:
+    """What keeps ``state_dict`` from loading strictly into a model with state ``expected``, one phrase per
+    kind (shapes that differ, missing and unexpected names, three examples each); empty when it fits."""
+    from mugen.train.checkpoint import state_dict_differences
+
+    missing, unexpected, mismatched = state_dict_differences(state_dict, expected, label="file")
+    problems = []
+    if mismatched:
+        problems.append(f"{len(mismatched)} shapes differ ({'; '.join(mismatched[:3])})")
+    if missing:
+        problems.append(f"{len(missing)} missing ({', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected ({', '.join(unexpected[:3])})")
+    return problems

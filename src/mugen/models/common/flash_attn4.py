@@ -75,7 +75,7 @@ def backward_head_dim(head_dim: int) -> int:
     """The head dim the backward runs at: ``head_dim`` itself when verified, else the next verified one."""
     for verified in BACKWARD_HEAD_DIMS:
         if head_dim <= verified:
-            return verified if head_dim != verified else head_dim
+            return verified
     return head_dim
 
 

@@ -23,10 +23,9 @@ from torch import Tensor, nn
 
 from mugen.atomic import write_atomically
 from mugen.errors import MugenError
-from mugen.models.state_files import read_state_dict_file
+from mugen.models.state_files import read_state_dict_file, state_dict_problems
 from mugen.models.dit.model import MUGDiT, MUGDiTConfig
 from mugen.models.dit.presets import DIT_PRESETS
-from mugen.train.checkpoint import state_dict_differences
 
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
 
@@ -139,16 +138,9 @@ def read_official_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
 
 def check_state_dict_fits(state_dict: dict[str, Tensor], model: MUGDiT, source: str) -> None:
     """Raise MugenError naming ``source`` unless every name and shape matches ``model`` both ways."""
-    missing, unexpected, mismatched = state_dict_differences(state_dict, model.state_dict(), label="file")
-    if not (missing or unexpected or mismatched):
+    problems = state_dict_problems(state_dict, model.state_dict())
+    if not problems:
         return
-    problems = []
-    if mismatched:
-        problems.append(f"{len(mismatched)} shapes differ ({'; '.join(mismatched[:3])})")
-    if missing:
-        problems.append(f"{len(missing)} missing ({', '.join(missing[:3])})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected ({', '.join(unexpected[:3])})")
     try:
         file_size = describe_size(infer_dit_config(state_dict))
     except MugenError:

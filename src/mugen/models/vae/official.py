@@ -45,9 +45,8 @@ from torch import Tensor, nn
 
 from mugen.atomic import write_atomically, write_text_atomically
 from mugen.errors import MugenError
-from mugen.models.state_files import SAFETENSORS_SUFFIX, read_state_dict_file
+from mugen.models.state_files import SAFETENSORS_SUFFIX, read_state_dict_file, state_dict_problems
 from mugen.models.vae.frames import FRAMES_PER_LATENT
-from mugen.train.checkpoint import state_dict_differences
 
 # The 24 per-channel statistics the release normalises latents with: (z - shift) / scale.
 # (They are also stored in vae.pt, which overrides these defaults on loading.)
@@ -736,16 +735,9 @@ def describe_released_size(state_dict: dict[str, Tensor]) -> str:
 
 def check_released_state_dict(state_dict: dict[str, Tensor], model: ReleasedVideoVAE, source: str) -> None:
     """Raise MugenError naming ``source`` unless every name and shape matches ``model`` both ways."""
-    missing, unexpected, mismatched = state_dict_differences(state_dict, model.state_dict(), label="file")
-    if not (missing or unexpected or mismatched):
+    problems = state_dict_problems(state_dict, model.state_dict())
+    if not problems:
         return
-    problems = []
-    if mismatched:
-        problems.append(f"{len(mismatched)} shapes differ ({'; '.join(mismatched[:3])})")
-    if missing:
-        problems.append(f"{len(missing)} missing ({', '.join(missing[:3])})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected ({', '.join(unexpected[:3])})")
     config = model.config
     expected = (
         f"image widths {list(config.image_block_channels)}, temporal filters {config.temporal_filters}, "
