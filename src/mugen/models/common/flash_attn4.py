@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from types import ModuleType
 
 import torch
@@ -32,7 +33,7 @@ TESTED_VERSION = "flash-attn-4 4.0.0b12 with nvidia-cutlass-dsl 4.4.2"
 
 @functools.lru_cache(maxsize=1)
 def _interface() -> ModuleType:
-    """``flash_attn.cute.interface``, or a clear error saying how to get it."""
+    """``flash_attn.cute.interface`` with its Hopper dq fixed where needed, or a clear error saying how to get it."""
     try:
         from flash_attn.cute import interface
     except ImportError as error:
@@ -41,7 +42,63 @@ def _interface() -> ModuleType:
             f"(tested: {TESTED_VERSION}), or choose another backend "
             f"(MUGEN_SDPA_BACKEND=auto). Import failed with: {error}"
         ) from error
+    global _BACKWARD_DQ_ALIGNED
+    _BACKWARD_DQ_ALIGNED = align_hopper_backward_dq(interface)
     return interface
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+# Whether the Hopper backward returns the right dq at every head dim that is a multiple of 8 (set by
+# _interface(): True once align_hopper_backward_dq fixed or found fixed the dq accumulator layout).
+_BACKWARD_DQ_ALIGNED = False
+_PERSISTENT_CACHE_VARIABLE = "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"
+
+
+def align_hopper_backward_dq(interface: ModuleType) -> bool:
+    """Make the Hopper backward's dq accumulator layout agree with its allocation; True when it does.
+
+    flash-attn-4 4.0.0b12's SM90 backward kernel tiles the head dim in multiples of 16 (72 -> 80) while
+    ``_flash_attn_bwd`` allocates the float32 dq accumulator, and its pre/postprocess kernels read it, in
+    multiples of 32 (72 -> 96). Where the two differ (head dims 72, 80, 104, 112 with the un-swapped dK/dV
+    layout) the postprocess reads dq from the wrong offsets: dq came back with relative error ~1 on an H100,
+    dk and dv right (benchmarks/results/fa4_attention.md; upstream pull request Dao-AILab/flash-attention#2896
+    describes the same mismatch). The kernel class is replaced by a subclass that tiles in multiples of 32
+    there, which reads the operands with the same out-of-bounds predication it uses for 80. Returns False,
+    leaving the library alone (the backward then pads operands to a verified head dim), when the interface
+    has no Hopper backward class, or when flash-attn's persistent kernel cache is on: its keys do not see
+    this change, so a kernel compiled without it could be loaded from disk.
+    """
+    original = getattr(interface, "FlashAttentionBackwardSm90", None)
+    if original is None or os.environ.get(_PERSISTENT_CACHE_VARIABLE, "0") == "1":
+        return False
+    if getattr(original, "mugen_aligned_dq", False):
+        return True
+    probe = original(interface.cutlass.BFloat16, 72, 72)
+    if probe.tile_hdim == _round_up(72, 32):  # a release that already agrees
+        return True
+    if probe.tile_hdim != _round_up(72, 16):  # a layout this fix was not written for
+        return False
+
+    class AlignedDQBackwardSm90(original):
+        mugen_aligned_dq = True
+
+        def __init__(self, dtype, head_dim: int, head_dim_v: int | None = None, *args, **kwargs):
+            super().__init__(dtype, head_dim, head_dim_v, *args, **kwargs)
+            if self.dKV_swapAB:  # that layout rounds differently; head dims <= 128 never take it
+                return
+            head_dim_v = head_dim if head_dim_v is None else head_dim_v
+            self.tile_hdim, self.tile_hdimv = _round_up(head_dim, 32), _round_up(head_dim_v, 32)
+            self.check_hdim_oob, self.check_hdim_v_oob = head_dim != self.tile_hdim, head_dim_v != self.tile_hdimv
+            self.shuffle_LSE = self.shuffle_dPsum = self.SdP_swapAB and self.tile_hdim <= 64
+
+    interface.FlashAttentionBackwardSm90 = AlignedDQBackwardSm90
+    compiled = getattr(getattr(interface, "_flash_attn_bwd", None), "compile_cache", None)
+    if compiled is not None and hasattr(compiled, "clear"):
+        compiled.clear()  # kernels built before the fix (by other code in this process) are not reused
+    return True
 
 
 def fa4_available() -> bool:
@@ -68,11 +125,14 @@ def _(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, keys_used: Tensor |
     return q.new_empty(batch, tokens, heads, v.shape[-1]), q.new_empty((batch, heads, tokens), dtype=torch.float32)
 
 
-BACKWARD_HEAD_DIMS = (64, 96, 128)  # head dims whose Hopper backward matched fp32 math on an H100
+BACKWARD_HEAD_DIMS = (64, 96, 128)  # head dims whose unpatched Hopper backward matched fp32 math on an H100
 
 
 def backward_head_dim(head_dim: int) -> int:
-    """The head dim the backward runs at: ``head_dim`` itself when verified, else the next verified one."""
+    """The head dim the backward runs at: ``head_dim`` itself when the dq layout is aligned
+    (``align_hopper_backward_dq``) or the head dim verified, else the next verified one."""
+    if _BACKWARD_DQ_ALIGNED:
+        return head_dim
     for verified in BACKWARD_HEAD_DIMS:
         if head_dim <= verified:
             return verified
@@ -90,20 +150,33 @@ def _pad_last(t: Tensor, size: int) -> Tensor:
 def _backward(
     q: Tensor, k: Tensor, v: Tensor, out: Tensor, grad_out: Tensor, lse: Tensor, softmax_scale: float, keys_used: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    # The Hopper backward of flash-attn-4 4.0.0b12 returned a wrong dq (relative error ~1) for head
-    # dims 72 and 80 on an H100, right ones for 64, 96 and 128 (benchmarks/results/fa4_attention.md).
-    # Zero columns change neither the scores nor the softmax, so the backward runs on operands padded
-    # to a head dim it gets right, and the padding is cut off the gradients.
+    # Unless align_hopper_backward_dq fixed the library's dq layout, flash-attn-4 4.0.0b12's Hopper
+    # backward returns a wrong dq at head dims 72 and 80 (right at 64, 96, 128). Zero columns change
+    # neither the scores nor the softmax, so the backward then runs on operands padded to a head dim it
+    # gets right, and the padding is cut off the gradients.
+    interface = _interface()  # first, so that backward_head_dim knows whether the layout is aligned
     head_dim = q.shape[-1]
     padded = backward_head_dim(head_dim)
-    q, k, v, out, grad_out = (_pad_last(t, padded) for t in (q, k, v, out, grad_out))
-    result = _interface()._flash_attn_bwd(q, k, v, out, grad_out, lse, softmax_scale, False, seqused_k=keys_used)
-    return tuple(g[..., :head_dim].contiguous() for g in result[:3])
+    inputs = (q, k, v)
+    if padded != head_dim:
+        q, k, v, out, grad_out = (_pad_last(t, padded) for t in (q, k, v, out, grad_out))
+    grads = interface._flash_attn_bwd(q, k, v, out, grad_out, lse, softmax_scale, False, seqused_k=keys_used)[:3]
+    # each gradient in the strides of its input, as the fake promises (the kernel's own choice when unpadded:
+    # it allocates them with torch.empty_like, so no copy is made then)
+    return tuple(_in_strides_of(t, g if g.shape[-1] == head_dim else g[..., :head_dim]) for t, g in zip(inputs, grads))
+
+
+def _in_strides_of(like: Tensor, values: Tensor) -> Tensor:
+    """``values`` in the strides ``torch.empty_like(like)`` has (copied only when they differ)."""
+    result = torch.empty_like(like)
+    if values.stride() == result.stride():
+        return values
+    return result.copy_(values)
 
 
 @_backward.register_fake
 def _(q, k, v, out, grad_out, lse, softmax_scale, keys_used):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output) -> None:

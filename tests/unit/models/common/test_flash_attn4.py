@@ -186,3 +186,104 @@ def test_autocast_inputs_are_cast_like_sdpa_casts_them():
         assert all(t.dtype == torch.bfloat16 for t in cast)
         assert F.scaled_dot_product_attention(q, k, v).dtype == cast[0].dtype  # what SDPA itself does
     torch.testing.assert_close(cast[0].float(), q, rtol=1e-2, atol=1e-2)
+
+
+def _interface_with_hopper_backward(head_dim_multiple: int) -> types.ModuleType:
+    """An interface whose Hopper backward class rounds head dims the way flash-attn-4's does: by 16 in
+    4.0.0b12 (the kernel's dq accumulator layout then disagrees with the 32-rounded allocation), by 32 once fixed."""
+
+    class Sm90Backward:
+        def __init__(self, dtype, head_dim, head_dim_v=None, qhead_per_kvhead=1, *, SdP_swapAB=True, dKV_swapAB=False, **_):
+            head_dim_v = head_dim if head_dim_v is None else head_dim_v
+            self.dtype, self.SdP_swapAB, self.dKV_swapAB = dtype, SdP_swapAB, dKV_swapAB
+            self.tile_hdim = -(-head_dim // head_dim_multiple) * head_dim_multiple
+            self.tile_hdimv = -(-head_dim_v // head_dim_multiple) * head_dim_multiple
+            self.check_hdim_oob, self.check_hdim_v_oob = head_dim != self.tile_hdim, head_dim_v != self.tile_hdimv
+            self.shuffle_LSE = self.shuffle_dPsum = SdP_swapAB and self.tile_hdim <= 64
+
+    def _flash_attn_bwd(*args, **kwargs):
+        raise AssertionError("not called here")
+
+    _flash_attn_bwd.compile_cache = {"kernel compiled before the fix": object()}
+    module = types.ModuleType("interface_with_hopper_backward")
+    module.FlashAttentionBackwardSm90, module._flash_attn_bwd = Sm90Backward, _flash_attn_bwd
+    module.cutlass = types.SimpleNamespace(BFloat16="bf16")
+    return module
+
+
+def test_the_hopper_backward_tiles_the_head_dim_like_its_dq_accumulator_once_aligned(monkeypatch):
+    monkeypatch.delenv(flash_attn4._PERSISTENT_CACHE_VARIABLE, raising=False)
+    interface = _interface_with_hopper_backward(16)
+    original = interface.FlashAttentionBackwardSm90
+    assert original("bf16", 72).tile_hdim == 80  # the 4.0.0b12 layout: dq accumulator allocated 96 wide
+    assert flash_attn4.align_hopper_backward_dq(interface)
+    aligned = interface.FlashAttentionBackwardSm90
+    assert issubclass(aligned, original) and interface._flash_attn_bwd.compile_cache == {}
+    for head_dim, tile in ((64, 64), (72, 96), (80, 96), (96, 96), (104, 128), (128, 128)):
+        kernel = aligned("bf16", head_dim, head_dim)
+        assert (kernel.tile_hdim, kernel.tile_hdimv) == (tile, tile)
+        assert kernel.check_hdim_oob == kernel.check_hdim_v_oob == (head_dim != tile)
+        assert kernel.shuffle_LSE == (tile <= 64)
+    assert aligned("bf16", 72, dKV_swapAB=True).tile_hdim == 80  # the swapped layout is left as it was
+    assert flash_attn4.align_hopper_backward_dq(interface) and interface.FlashAttentionBackwardSm90 is aligned  # once
+
+
+def test_a_fixed_library_is_left_alone_and_the_persistent_cache_keeps_the_padding(monkeypatch):
+    monkeypatch.delenv(flash_attn4._PERSISTENT_CACHE_VARIABLE, raising=False)
+    fixed = _interface_with_hopper_backward(32)
+    original = fixed.FlashAttentionBackwardSm90
+    assert flash_attn4.align_hopper_backward_dq(fixed) and fixed.FlashAttentionBackwardSm90 is original
+    assert not flash_attn4.align_hopper_backward_dq(types.ModuleType("no_hopper_backward"))
+    # flash-attn's on-disk kernel cache is keyed without this change: a kernel compiled without it could be loaded
+    monkeypatch.setenv(flash_attn4._PERSISTENT_CACHE_VARIABLE, "1")
+    buggy = _interface_with_hopper_backward(16)
+    original = buggy.FlashAttentionBackwardSm90
+    assert not flash_attn4.align_hopper_backward_dq(buggy) and buggy.FlashAttentionBackwardSm90 is original
+
+
+@pytest.mark.parametrize("aligned, kernel_head_dim", [(False, 96), (True, 72)])
+def test_the_backward_pads_the_head_dim_only_while_the_dq_layout_is_unaligned(stand_in, monkeypatch, aligned, kernel_head_dim):
+    monkeypatch.setattr(flash_attn4, "_BACKWARD_DQ_ALIGNED", aligned)
+    assert flash_attn4.backward_head_dim(72) == kernel_head_dim
+    seen = []
+    kernel = stand_in._flash_attn_bwd
+
+    def recording_bwd(q, *args, **kwargs):
+        seen.append(q.shape[-1])
+        return kernel(q, *args, **kwargs)
+
+    monkeypatch.setattr(stand_in, "_flash_attn_bwd", recording_bwd)
+    generator = torch.Generator().manual_seed(3)
+    q, k, v = _qkv(generator, head_dim=72)  # heads-first (B, H, N, hd), handed over transposed as the model does
+    grad = torch.randn(2, 3, 13, 72, generator=generator)
+    out = flash_attn4.fa4_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    expected = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v), (q, k, v), grad)
+    assert seen == [kernel_head_dim]
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # the op's outputs keep the strides its fake promises (those of torch.empty_like of each input)
+    q_t, k_t, v_t = (t.detach().transpose(1, 2) for t in (q, k, v))
+    out_t, lse = flash_attn4._forward(q_t, k_t, v_t, 72**-0.5, None)
+    torch.library.opcheck(
+        flash_attn4._backward, (q_t, k_t, v_t, out_t, torch.randn_like(out_t), lse, 72**-0.5, None),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+
+
+def test_loading_the_library_aligns_its_backward_before_any_kernel_is_built(monkeypatch):
+    monkeypatch.delenv(flash_attn4._PERSISTENT_CACHE_VARIABLE, raising=False)
+    interface = _interface_with_hopper_backward(16)
+    package = types.ModuleType("flash_attn.cute")
+    package.interface = interface
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", package)
+    monkeypatch.setitem(sys.modules, "flash_attn.cute.interface", interface)
+    monkeypatch.setattr(flash_attn4, "_BACKWARD_DQ_ALIGNED", False)
+    flash_attn4._interface.cache_clear()
+    try:
+        assert flash_attn4._interface() is interface
+        assert interface.FlashAttentionBackwardSm90("bf16", 72).tile_hdim == 96
+        assert flash_attn4.backward_head_dim(72) == 72
+    finally:
+        flash_attn4._interface.cache_clear()
