@@ -50,6 +50,9 @@ VARIANTS = {  # name: (fused kernels, per-block compile, SDPA backend)
     # FlashAttention-4 for the self-attention (optional package, mugen.models.common.flash_attn4)
     "fused-eager-fa4": (True, False, "fa4"),
     "compiled-fa4": (False, True, "fa4"),
+    # the compiled block's fwd+bwd replayed from one CUDA graph: no CPU launch overhead (GPU time alone)
+    "compiled-fa4-graph": (False, True, "fa4"),
+    "compiled-cudnn-graph": (False, True, "cudnn"),
 }
 TEXT_TOKENS = 300
 HEAD_DIM = 72
@@ -246,6 +249,30 @@ def run_block(block, inputs, dtype, want_grads: bool):
     return out.detach(), grads
 
 
+def graphed_block_step(block, inputs, dtype):
+    """The block's forward + backward captured once in a CUDA graph (PyTorch's whole-network capture: warm-up
+    on a side stream, gradients None at capture so each replay writes them afresh); returns the replay."""
+    x, text, t_mod, t0_mod, rope, grad = inputs
+    x = x.detach().to(dtype).requires_grad_(True)
+    text, t_mod, t0_mod, grad = text.to(dtype), t_mod.to(dtype), t0_mod.to(dtype), grad.to(dtype)
+
+    def forward_backward():
+        block(x, text, None, t_mod, t0_mod, None, rope).backward(grad)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            forward_backward()
+            block.zero_grad(set_to_none=True)
+            x.grad = None
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        forward_backward()
+    return graph.replay
+
+
 def block_part(args) -> tuple[list[dict], dict]:
     results, best = [], {}
     for size in args.sizes:
@@ -280,8 +307,17 @@ def block_part(args) -> tuple[list[dict], dict]:
                     run_block(block, inputs, torch.bfloat16, False)
                     block.zero_grad(set_to_none=True)
 
-                torch.cuda.reset_peak_memory_stats()
-                times = cuda_time_ms(step, args.warmup, args.iters)
+                try:
+                    if variant.endswith("-graph"):
+                        step = graphed_block_step(block, inputs, torch.bfloat16)
+                    torch.cuda.reset_peak_memory_stats()
+                    times = cuda_time_ms(step, args.warmup, args.iters)
+                except Exception as error:  # keep the other variants' figures
+                    results.append({"size": size, "variant": variant, "error": repr(error)})
+                    print(json.dumps(results[-1]), flush=True)
+                    del block
+                    torch.cuda.empty_cache()
+                    continue
             median = statistics.median(times)
             official = OFFICIAL_MS.get(size)
             results.append({

@@ -120,7 +120,7 @@ def run(args, variant: str, fused_adam: bool) -> dict:
         with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
             step()
             torch.cuda.synchronize()
-        profile_table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90)
+        profile_table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=60, max_name_column_width=90)
     result = {
         "variant": variant,
         "preset": args.preset,
