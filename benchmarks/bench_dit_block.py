@@ -273,12 +273,18 @@ def graphed_block_step(block, inputs, dtype):
     return graph.replay
 
 
+def in_bf16(inputs):
+    """The block inputs in bf16, RoPE rotations (complex) as they are."""
+    return tuple(t if t.is_complex() else t.to(torch.bfloat16) for t in inputs)
+
+
 def block_part(args) -> tuple[list[dict], dict]:
     results, best = [], {}
     for size in args.sizes:
         width, heads, tokens = SIZES[size]
         master = make_block(width, heads, seed=5)
         inputs = block_inputs(width, tokens, seed=6)
+        half_inputs = in_bf16(inputs)  # cast once: the timed step is the block's fwd+bwd, not input casts
         # fp32 reference: torch path, fp32 weights and inputs, TF32 off
         reference = copy.deepcopy(master).float()
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -297,19 +303,19 @@ def block_part(args) -> tuple[list[dict], dict]:
                 block.compile()
             with kernels.enabled(None if fused else False):
                 start = time.perf_counter()
-                out, grads = run_block(block, inputs, torch.bfloat16, True)
+                out, grads = run_block(block, half_inputs, torch.bfloat16, True)
                 first_call_s = time.perf_counter() - start
                 errors = {"out": relative_error(out, ref_out)}
                 errors.update({f"grad_{name}": relative_error(grads[name], ref_grads[name]) for name in args.checked_grads})
                 block.zero_grad(set_to_none=True)
 
                 def step():
-                    run_block(block, inputs, torch.bfloat16, False)
+                    run_block(block, half_inputs, torch.bfloat16, False)
                     block.zero_grad(set_to_none=True)
 
                 try:
                     if variant.endswith("-graph"):
-                        step = graphed_block_step(block, inputs, torch.bfloat16)
+                        step = graphed_block_step(block, half_inputs, torch.bfloat16)
                     torch.cuda.reset_peak_memory_stats()
                     times = cuda_time_ms(step, args.warmup, args.iters)
                 except Exception as error:  # keep the other variants' figures
@@ -345,20 +351,26 @@ def profile_part(args, size: str, variant: str) -> str:
     width, heads, tokens = SIZES[size]
     fused, compiled, backend = VARIANTS[variant]
     block = make_block(width, heads, seed=5).to(torch.bfloat16)
-    inputs = block_inputs(width, tokens, seed=6)
+    inputs = in_bf16(block_inputs(width, tokens, seed=6))
     set_sdpa_backend(backend)
     if compiled:
         block.compile()
     with kernels.enabled(None if fused else False):
         for _ in range(3):
             run_block(block, inputs, torch.bfloat16, False)
+            block.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU], with_stack=args.profile_stacks) as prof:
             for _ in range(args.profile_iters):
                 run_block(block, inputs, torch.bfloat16, False)
+                block.zero_grad(set_to_none=True)  # as the timed steps do (no gradient accumulation)
             torch.cuda.synchronize()
     set_sdpa_backend("auto")
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.profile_rows, max_name_column_width=90)
+    if args.profile_stacks:  # where the eager (uncompiled) kernels are launched from
+        table += "\n" + prof.key_averages(group_by_stack_n=6).table(
+            sort_by="cuda_time_total", row_limit=args.profile_rows, max_name_column_width=90
+        )
     return f"# {size} block, variant {variant}, {args.profile_iters} iterations of fwd+bwd\n\n{table}\n"
 
 
@@ -374,6 +386,7 @@ def main():
     parser.add_argument("--profile-iters", type=int, default=3, help="profiled iterations")
     parser.add_argument("--profile-rows", type=int, default=25, help="rows of the profiler table")
     parser.add_argument("--profile-dir", default=None, help="write profiler tables here")
+    parser.add_argument("--profile-stacks", action="store_true", help="also a table grouped by Python call stack")
     parser.add_argument("--json", default=None, help="write all results here")
     args = parser.parse_args()
     args.sizes = args.sizes.split(",")

@@ -78,7 +78,20 @@ def apply_rope(x: Tensor, rotations: Tensor) -> Tensor:
     """Rotate interleaved channel pairs of x (B, heads, N, D) as complex numbers; computed in fp32.
 
     One complex multiply is a single fused kernel in eager mode (cheaper than cos/sin arithmetic on
-    separate real tensors, measured on the H100 in benchmarks/results/).
+    separate real tensors, measured on the H100 in benchmarks/results/). Under ``torch.compile`` the
+    same product is written in real arithmetic instead: the compiler generates no code for complex
+    tensors (it launches the eager complex kernels, 4 per block, plus copies into complex layout),
+    while real arithmetic fuses with the RMSNorm before it into one kernel.
     """
+    if torch.compiler.is_compiling():
+        return apply_rope_real(x, rotations)
     x_complex = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, heads, N, D/2)
     return torch.view_as_real(x_complex * rotations).flatten(-2).type_as(x)
+
+
+def apply_rope_real(x: Tensor, rotations: Tensor) -> Tensor:
+    """:func:`apply_rope` as (a + ib)(c + is) = (ac - bs) + i(as + bc) on real tensors, in fp32."""
+    real, imag = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # each (B, heads, N, D/2)
+    cos, sin = torch.view_as_real(rotations).unbind(-1)  # each (B, 1, N, D/2)
+    rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)  # (B, heads, N, D/2, 2)
+    return rotated.flatten(-2).type_as(x)
