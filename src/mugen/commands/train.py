@@ -147,10 +147,6 @@ def run_dit(args) -> int:
         from mugen.train.distributed_run import parse_parallel
 
         parallel = {**(parallel or {}), **parse_parallel(args.parallel)}
-    if "curriculum" in record and (parallel is not None or os.environ.get("WORLD_SIZE", "1") != "1"):
-        from mugen.errors import MugenError
-
-        raise MugenError("curriculum runs (config section 'curriculum') are not wired for several processes yet; run them on one process")
     vae_path = None
     if args.vae is not None:  # checked now, not when `mugen generate` first needs it
         from mugen.models.vae.loading import resolve_vae_path
@@ -182,7 +178,8 @@ def run_dit(args) -> int:
         from mugen.train.curriculum_run import train_dit_curriculum
 
         history = train_dit_curriculum(spec, record["curriculum"], resume=not args.no_resume)
-        print(f"trained {len(history)} curriculum steps; run folder {args.output}")
+        if os.environ.get("RANK", "0") == "0":  # torchrun: one line per job, not per process
+            print(f"trained {len(history)} curriculum steps; run folder {args.output}")
         return 0
     history = train_dit(spec, resume=not args.no_resume)
     if os.environ.get("RANK", "0") == "0":  # torchrun: one line per job, not per process

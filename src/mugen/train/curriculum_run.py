@@ -29,6 +29,15 @@ The schedule's state and the validation log are saved in every checkpoint (Train
 so a run resumed mid-stage continues the same schedule and gives the same losses as an
 uninterrupted one. The sampler reads the schedule live, so the DataLoader must not read ahead:
 curriculum runs use ``num_workers = 0``.
+
+On several processes (torchrun + ``--parallel`` / a ``parallel`` section; seed §5.1) the run is
+the plain parallel run of distributed_run.py with the same curriculum on every rank: each rank
+keeps the whole schedule and sampler (same seed, so the same global batches and stage
+transitions), takes its data-parallel rows of every batch (``DataParallelShare``), and computes
+the whole validation loss; rank 0's value is broadcast so every rank makes the same plateau
+decision. The curriculum state (a small JSON dict) is saved in the sharded checkpoint's training
+state, so the run resumes on any dp_shard/tp/cp layout. Only rank 0 writes ``curriculum.json``,
+``curriculum.png`` and the logs. Pipeline stages (pp > 1) are refused.
 """
 
 from __future__ import annotations
@@ -240,9 +249,10 @@ class CurriculumDiTTask:
         self.flow_task = flow_task
         self.schedule = schedule
 
-    def compute_loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> LossOutput:
+    def compute_loss(self, model: nn.Module, batch: dict, generator: torch.Generator, rows: slice | None = None) -> LossOutput:
+        """``rows``: this data-parallel rank's samples of the batch (``DataParallelShare``); None = all."""
         self.flow_task.config.first_frame_cond_prob = self.schedule.first_frame_cond_prob()
-        output = self.flow_task.compute_loss(model, batch, generator)
+        output = self.flow_task.compute_loss(model, batch, generator, **({} if rows is None else {"rows": rows}))
         kinds = batch.get("kinds") or []
         output.metrics.update(
             curriculum_stage=float(self.schedule.stage_index),
@@ -275,12 +285,24 @@ def padded_validation_groups(samples: list[dict]) -> list[list[dict]]:
 class CurriculumProgress:
     """What a curriculum run checkpoints: the schedule and the validation log; runs validation."""
 
-    def __init__(self, schedule: CurriculumSchedule, sampler: CurriculumBatchSampler, run: CurriculumRunConfig, task_config, output_dir):
+    def __init__(
+        self,
+        schedule: CurriculumSchedule,
+        sampler: CurriculumBatchSampler,
+        run: CurriculumRunConfig,
+        task_config,
+        output_dir,
+        is_main: bool = True,
+        distributed: bool = False,
+    ):
+        """``is_main``: this process writes ``curriculum.json``; ``distributed``: every rank takes rank 0's validation loss."""
         self.schedule = schedule
         self.sampler = sampler
         self.run = run
         self.task_config = task_config
         self.output_dir = Path(output_dir)
+        self.is_main = is_main
+        self.distributed = distributed
         self.validation_log: list[dict] = []
         self.groups: list[list[dict]] = []
         if run.validation_every:
@@ -312,6 +334,8 @@ class CurriculumProgress:
         if self.run.validation_every and step % self.run.validation_every == 0:
             stage = self.schedule.stage.name
             loss = self.validation_loss(model)
+            if self.distributed:
+                loss = rank0_value(loss, next(model.parameters()).device)
             transitioned = self.schedule.report_validation_loss(loss)
             entry = {"step": step, "stage": stage, "validation_loss": loss, "plateau_transition": transitioned}
             self.validation_log.append(entry)
@@ -319,6 +343,8 @@ class CurriculumProgress:
             self.write_log()
 
     def write_log(self) -> None:
+        if not self.is_main:
+            return
         record = {"schedule": self.schedule.state_dict(), "current_stage": self.schedule.stage.name, "validation": self.validation_log}
         write_text_atomically(self.output_dir / CURRICULUM_LOG_FILE, json.dumps(record, indent=2) + "\n")
 
@@ -330,18 +356,29 @@ class CurriculumProgress:
         self.validation_log = list(state["validation_log"])
 
 
+def rank0_value(value: float, device: torch.device) -> float:
+    """Rank 0's ``value`` on every rank (a collective): decisions taken from it agree across ranks."""
+    import torch.distributed as dist
+
+    shared = torch.tensor([value], dtype=torch.float64, device=device)  # (1,)
+    dist.broadcast(shared, src=0)
+    return float(shared)
+
+
 def train_dit_curriculum(spec, curriculum: dict | CurriculumRunConfig, resume: bool = True) -> list[dict]:
     """Train MUG-DiT through the curriculum; ``spec`` is a `DiTRunSpec` (its ``manifest`` is unused).
 
     Writes the run folder of `mugen train dit` plus ``curriculum.json`` (schedule state and
     validation losses). Returns the Trainer's history; each record holds ``curriculum_stage``,
-    ``image_ratio``, ``image_share`` and ``first_frame_cond_prob`` of its step.
+    ``image_ratio``, ``image_share`` and ``first_frame_cond_prob`` of its step. On several
+    processes (``spec.parallel`` / torchrun) see the module docstring.
     """
     import dataclasses
 
     from mugen.data.datasets import collate_latent_batch
     from mugen.models.dit import MUGDiT
     from mugen.models.dit.io import write_run_config
+    from mugen.train.distributed_run import parallel_run_for
     from mugen.train.runs import WeightAverages, dit_run_setup, initialise_from
     from mugen.train.tasks import DiTFlowTask
     from mugen.train.trainer import Trainer
@@ -360,36 +397,54 @@ def train_dit_curriculum(spec, curriculum: dict | CurriculumRunConfig, resume: b
     dataset = MultiManifestDataset(manifests, cache_in_memory=spec.cache_in_memory)
     config, null_text, run_record = dit_run_setup(spec, dataset[0], manifests[0])
     run_record["curriculum"] = {**run.curriculum.to_dict(), **{k: v for k, v in dataclasses.asdict(run).items() if k != "curriculum"}}
-    write_run_config(spec.output_dir, run_record)
+    parallel = parallel_run_for(spec, without_pipeline="curriculum runs")  # None: one process
+    is_main = parallel is None or parallel.is_main
+    if is_main:
+        write_run_config(spec.output_dir, run_record)
 
-    torch.manual_seed(spec.train.seed)
-    model = MUGDiT(config)
-    if spec.init_from:
-        initialise_from(model, spec.init_from)
+    def initial_model() -> nn.Module:
+        torch.manual_seed(spec.train.seed)
+        model = MUGDiT(config)
+        if spec.init_from:
+            initialise_from(model, spec.init_from)
+        return model
+
+    model = initial_model() if parallel is None else parallel.build_model(config, initial_model)
     schedule = CurriculumSchedule(run.curriculum)
     sampler = CurriculumBatchSampler(
         schedule, dataset.members(), spec.batch_size, seed=spec.train.seed, grad_accum=spec.train.grad_accum,
         batches_per_epoch=run.batches_per_epoch, image_batch_size=spec.image_batch_size,
     )
     task_config = dataclasses.replace(spec.task)  # the task's first-frame probability follows the stage
-    progress = CurriculumProgress(schedule, sampler, run, task_config, spec.output_dir)
-    averages = WeightAverages(spec.output_dir, run_record, spec.ema_decay, spec.snapshot_every, spec.power_ema_sigma_rels)
+    progress = CurriculumProgress(schedule, sampler, run, task_config, spec.output_dir, is_main=is_main, distributed=parallel is not None)
+    averages_class = WeightAverages if parallel is None else parallel.weight_averages
+    averages = averages_class(spec.output_dir, run_record, spec.ema_decay, spec.snapshot_every, spec.power_ema_sigma_rels)
 
     def on_step_end(step: int, trained: nn.Module) -> None:
         averages.on_step_end(step, trained)
         progress.on_step_end(step, trained)
 
+    task = CurriculumDiTTask(DiTFlowTask(task_config, null_text), schedule)
+    if parallel is not None:
+        task = parallel.wrap_task(task, sampler)  # this data-parallel group's rows of every global batch
     trainer = Trainer(
-        model, CurriculumDiTTask(DiTFlowTask(task_config, null_text), schedule), dataset, sampler, collate_latent_batch,
-        spec.train, spec.output_dir, device=spec.device, resume=resume,
+        model, task, dataset, sampler, collate_latent_batch,
+        spec.train, spec.output_dir, device=spec.device if parallel is None else parallel.device, resume=resume,
         extra_state=lambda: {**averages.states(), "curriculum": progress},
         on_step_end=on_step_end,
+        strategy=None if parallel is None else parallel.strategy(),
     )
     averages.attach(trainer.model)
-    history = trainer.fit()
-    progress.write_log()
-    write_curriculum_png(history, progress.validation_log, [stage.name for stage in run.curriculum.stages], Path(spec.output_dir) / CURRICULUM_PLOT_FILE)
-    averages.export_ema()
+    try:
+        history = trainer.fit()
+        if is_main:
+            progress.write_log()
+            stage_names = [stage.name for stage in run.curriculum.stages]
+            write_curriculum_png(history, progress.validation_log, stage_names, Path(spec.output_dir) / CURRICULUM_PLOT_FILE)
+        averages.export_ema()  # on several processes a collective: before the process group goes
+    finally:
+        if parallel is not None:
+            parallel.close()
     return history
 
 

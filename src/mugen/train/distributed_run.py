@@ -300,13 +300,25 @@ class DistributedStrategy(SingleProcess):
 
         return float(clip_grad_norm_(parameters, max_norm))
 
+    @staticmethod
+    def sharded_extra_state(trainer: Trainer) -> dict:
+        """The Trainer's ``extra_state`` items saved as shards beside the weights: the weight averages (EMAs).
+
+        Every other item (e.g. a curriculum's schedule and sampler progress) has a small JSON state,
+        the same on every rank, saved inside the checkpoint's training state.
+        """
+        from mugen.train.ema import EMA
+
+        items = trainer.extra_state() if trainer.extra_state is not None else {}
+        return {name: item for name, item in items.items() if isinstance(item, EMA)}
+
     def checkpointer(self, trainer: Trainer):
         """The sharded checkpointer; with the Trainer's ``extra_state`` (weight averages) an ``AveragesCheckpointer``."""
         from mugen.distributed import DistributedCheckpointer
         from mugen.distributed.ema import AveragesCheckpointer
 
         if self._checkpointer is None:
-            averages = trainer.extra_state() if trainer.extra_state is not None else {}
+            averages = self.sharded_extra_state(trainer)
             common = dict(layout=self.layout, keep_checkpoints=trainer.config.keep_checkpoints)
             if averages:  # EMA shards beside the parameters' (seed §4.2.3)
                 self._checkpointer = AveragesCheckpointer(trainer.output_dir, trainer.model, trainer.optimizer, averages=averages, **common)
@@ -331,15 +343,20 @@ class DistributedStrategy(SingleProcess):
     def save(self, trainer: Trainer) -> Path:
         state = trainer._training_state()
         # The optimizer and the weight averages are saved sharded with the model, and every rank's RNG beside it.
-        for name in ("optimizer", "rng", "extra"):
+        for name in ("optimizer", "rng"):
             state.pop(name)
+        sharded = self.sharded_extra_state(trainer)
+        plain = {name: value for name, value in state.pop("extra").items() if name not in sharded}
+        if plain:  # JSON states of the other extras (e.g. the curriculum's) ride in the training state
+            state["extra"] = plain
         return self.checkpointer(trainer).save(trainer.step, state).wait()
 
     def load(self, trainer: Trainer, checkpoint: Path) -> dict:
         checkpointer = self.checkpointer(trainer)
         state = checkpointer.load(checkpoint)  # model, optimizer and averages in place; RNG on the same world size
         averages = getattr(checkpointer, "averages", {})
-        state["extra"] = {name: average.state_dict() for name, average in averages.items()}  # already restored
+        restored = {name: average.state_dict() for name, average in averages.items()}  # already restored
+        state["extra"] = {**state.get("extra", {}), **restored}
         return state
 
 
@@ -407,8 +424,12 @@ class ParallelRun:
             dist.destroy_process_group()
 
 
-def parallel_run_for(spec) -> ParallelRun | None:
-    """The ParallelRun of a `train_dit` spec, or None for the single-process run; checks unsupported options."""
+def parallel_run_for(spec, without_pipeline: str | None = None) -> ParallelRun | None:
+    """The ParallelRun of a `train_dit` spec, or None for the single-process run; checks unsupported options.
+
+    ``without_pipeline``: what the caller runs when it cannot run on pipeline stages (e.g.
+    ``"curriculum runs"``); a layout with pp > 1 is then refused before any process group is made.
+    """
     autocast = spec.train.mixed_precision == "bf16" or (spec.train.mixed_precision == "auto" and str(spec.device).startswith("cuda"))
     config = parallel_config(spec.parallel, job_world_size(), autocast)
     if config is None:
@@ -420,6 +441,11 @@ def parallel_run_for(spec) -> ParallelRun | None:
         raise MugenError(
             f"batch size {smallest} is smaller than the {config.data_parallel_size} data-parallel ranks of --parallel; "
             "each rank needs at least one sample of every micro-batch: raise --batch-size/--image-batch-size"
+        )
+    if config.pp > 1 and without_pipeline:
+        raise MugenError(
+            f"{without_pipeline} on pipeline stages (--parallel pp={config.pp}) are not available yet; "
+            "lay them out without pp (dp_shard/tp/cp)"
         )
     if config.pp > 1:  # pipeline stages: train/pipeline_run.py
         from mugen.train.pipeline_run import PipelineRun
