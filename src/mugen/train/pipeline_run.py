@@ -151,7 +151,7 @@ class PipelineShare:
             mine = rows.stop - rows.start
         else:
             start, mine, step_imbalance = self.split.take(batch)
-            rows = slice(start, start + max(mine, 1))  # no row of this micro-batch: the first one, weight 0
+            rows = slice(start, start + mine) if mine else slice(0, 1)  # no row of this micro-batch: the first one, weight 0
             metrics["rank_cost_imbalance"] = step_imbalance
         default_fps = model.config.default_fps if batch.get("fps") is not None else None
         inputs = self.task.draw_inputs(batch, generator, default_fps, rows)
