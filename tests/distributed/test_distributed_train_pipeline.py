@@ -8,6 +8,12 @@ tp=2 (4 processes) must log the same losses and gradient norms for 3 steps (rtol
 test_distributed_train.py: fp32 sums in another order move the last bits). The pipeline runs are
 then resumed from their step-3 sharded checkpoint for a 4th step (pp=2 on pp=2; pp=2 x dp_shard=2
 on dp_shard=2, a layout without stages), which must log the reference's 4th loss.
+
+With --balanced (seed §5.2; the data of test_distributed_train_balanced.py, whose micro-batches of 2
+videos, 3 images and 1 video do not all split into 2 pipeline micro-batches), pp=2 (resumed after 2
+steps on dp_shard=2) and pp=2 x dp_shard=2 (a group gets no row of some micro-batches) log the
+single-process --balanced losses (rtol 1e-5), and pp=2 x dp_shard=2 logs the cost split's
+``rank_cost_imbalance`` and rank 0's samples.
 """
 
 from __future__ import annotations
@@ -102,6 +108,7 @@ def test_parallel_run_gives_single_process_losses(problem, layout, world_size, r
         ({"pp": 2, "pp_microbatches": 3}, "shares of [4] samples, which do not split into pp_microbatches=3"),
         ({"pp": 2, "dp_shard": 2, "pp_microbatches": 2}, "shares of [1, 2] samples"),  # batch 3 over 2 groups
         ({"pp": 2, "pp_schedule": "Interleaved1F1B"}, "keeps one stage per rank"),
+        ({"pp": 2, "pp_microbatches": 1}, "1F1B schedule needs at least as many micro-batches as stages"),
     ],
 )
 def test_pipeline_layouts_that_cannot_run_are_refused_before_starting(layout, message):

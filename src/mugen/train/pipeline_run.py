@@ -24,11 +24,26 @@ each stage is sharded with FSDP2 over the ranks that hold the same stage. What c
 * Checkpoints are the sharded checkpoints of ``distributed_run.py`` (``DistributedCheckpointer``:
   single-device names, each rank writes its stage's parameters and AdamW moments), so a pipeline
   run resumes on a layout without stages and the other way round.
+* ``--ema-decay`` / ``--snapshot-every`` (seed §4.2.3): ``PipelineWeightAverages`` keeps the online
+  EMA and the power-function EMAs of this rank's stage (its FSDP/TP shards), updated locally after
+  every optimizer step and saved with the stage (``PipelineAveragesCheckpointer``: the checkpoint
+  holds the whole model's averages under single-device names, resumable with or without stages).
+  Snapshots and the EMA export gather each tensor inside its stage and send it to rank 0
+  (``gathered_across_stages``), which writes the single-process run's ``snapshots/step_*`` and
+  ``ema/`` files, named after a meta-device MUG-DiT.
+* ``--balanced`` (seed §5.2): every rank reads the single-process balanced run's global step;
+  ``BalancedRowSplit`` splits each micro-batch's rows by cost over the data-parallel groups (as
+  without stages), and each group's share (any size, even none) is padded to a multiple of
+  ``pp_microbatches`` with zero-weight copies of its first row, the real rows' weights raised so the
+  schedule's mean is theirs: the pipeline micro-batches of a share hold equal rows of one shape.
+  The gradient is the single-process run's (padding adds exact zeros).
 
-Tested against the single-process run (tests/distributed/test_distributed_train_pipeline.py): pp=2,
-pp=2 x dp_shard=2 and pp=2 x tp=2, resumed on pp=2, dp_shard=2 and tp=2. Refused: the interleaved
-schedule (one stage per rank here) and micro-batch counts that do not divide every data-parallel
-share of a batch.
+Tested against the single-process run (tests/distributed/test_distributed_train_pipeline.py,
+test_distributed_train_pipeline_averages.py): pp=2, pp=2 x dp_shard=2 and pp=2 x tp=2, resumed on
+pp=2, dp_shard=2 and tp=2; --balanced on pp=2 (resumed on dp_shard=2) and pp=2 x dp_shard=2; EMA and
+snapshots on pp=2 and pp=2 x dp_shard=2, resumed on pp=2 (bitwise) and dp_shard=2. Refused: the
+interleaved schedule (one stage per rank here), 1F1B with fewer micro-batches than stages, and
+(without --balanced) micro-batch counts that do not divide every data-parallel share of a batch.
 """
 
 from __future__ import annotations
@@ -325,6 +340,11 @@ class PipelineRun(ParallelRun):
                 "--parallel pp_schedule=Interleaved1F1B: `mugen train dit` keeps one stage per rank; use 1F1B or GPipe"
             )
         micro = config.pp_microbatches
+        if config.pp_schedule == "1F1B" and micro < config.pp:
+            raise MugenError(
+                f"--parallel pp={config.pp},pp_microbatches={micro}: the 1F1B schedule needs at least as many "
+                f"micro-batches as stages; set pp_microbatches={config.pp} or more, or pp_schedule=GPipe"
+            )
         for size in (size for size in batch_sizes if size):
             rows = [data_parallel_rows(size, index, config.data_parallel_size) for index in range(config.data_parallel_size)]
             shares = {part.stop - part.start for part in rows}
