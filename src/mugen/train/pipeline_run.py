@@ -59,9 +59,8 @@ from torch.distributed.tensor import DTensor
 
 from mugen.distributed.checkpoint import DistributedCheckpointer, _canonical_view, _training_state_dicts
 from mugen.distributed.ema import AveragesCheckpointer
-from mugen.distributed.tensor_parallel import FUSED_ROWS_ATTRIBUTE
+from mugen.distributed.tensor_parallel import FUSED_ROWS_ATTRIBUTE, canonical_rows
 from mugen.errors import MugenError
-from mugen.distributed.tensor_parallel import canonical_rows
 from mugen.train.distributed_run import BalancedRowSplit, DistributedStrategy, ParallelRun, ShardedWeightAverages
 from mugen.train.trainer import LossOutput, Trainer
 
@@ -117,8 +116,6 @@ class _ScheduledGradients(torch.autograd.Function):
 
 def padded_rows(inputs, rows: int):
     """``inputs`` (``FlowInputs`` of n rows) grown to ``rows`` rows by repeating its first row (loss weight 0 there)."""
-    import dataclasses
-
     from mugen.models.text.base import TextFeatures
 
     present = int(inputs.x0.shape[0])
@@ -184,7 +181,7 @@ class PipelineShare:
             parameter.grad = None
         per_sample = self.pipe.flow_step(
             run.x0, run.text, run.t, run.noise, run.frame_cond_mask, fps=run.fps, sample_weight=run.weights,
-        )[:drawn]  # (share,) unweighted, the same on every stage
+        )[:drawn]  # (drawn,) unweighted, the same on every stage; the padding rows dropped
         fresh = [parameter.grad for parameter in parameters]  # d(scale * weighted mean) / d(weights)
         for parameter, grad in zip(parameters, held):
             parameter.grad = grad
