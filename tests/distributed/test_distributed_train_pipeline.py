@@ -8,6 +8,12 @@ tp=2 (4 processes) must log the same losses and gradient norms for 3 steps (rtol
 test_distributed_train.py: fp32 sums in another order move the last bits). The pipeline runs are
 then resumed from their step-3 sharded checkpoint for a 4th step (pp=2 on pp=2; pp=2 x dp_shard=2
 on dp_shard=2, a layout without stages), which must log the reference's 4th loss.
+
+With --balanced (seed §5.2; the data of test_distributed_train_balanced.py, whose micro-batches of 2
+videos, 3 images and 1 video do not all split into 2 pipeline micro-batches), pp=2 (resumed after 2
+steps on dp_shard=2) and pp=2 x dp_shard=2 (a group gets no row of some micro-batches) log the
+single-process --balanced losses (rtol 1e-5), and pp=2 x dp_shard=2 logs the cost split's
+``rank_cost_imbalance`` and rank 0's samples.
 """
 
 from __future__ import annotations
@@ -102,6 +108,7 @@ def test_parallel_run_gives_single_process_losses(problem, layout, world_size, r
         ({"pp": 2, "pp_microbatches": 3}, "shares of [4] samples, which do not split into pp_microbatches=3"),
         ({"pp": 2, "dp_shard": 2, "pp_microbatches": 2}, "shares of [1, 2] samples"),  # batch 3 over 2 groups
         ({"pp": 2, "pp_schedule": "Interleaved1F1B"}, "keeps one stage per rank"),
+        ({"pp": 2, "pp_microbatches": 1}, "1F1B schedule needs at least as many micro-batches as stages"),
     ],
 )
 def test_pipeline_layouts_that_cannot_run_are_refused_before_starting(layout, message):
@@ -111,3 +118,82 @@ def test_pipeline_layouts_that_cannot_run_are_refused_before_starting(layout, me
 
     with pytest.raises(MugenError, match=message.replace("[", r"\[").replace("]", r"\]")):
         PipelineRun(ParallelConfig(**layout), "cpu", (BATCH - 1 if layout.get("dp_shard") else BATCH, None))
+
+
+# --balanced over pipeline stages (seed §5.2): the data of test_distributed_train_balanced.py (5 videos of
+# 14 tokens, 3 images of 6 tokens, batch size 2 of the costliest shape, 2 micro-batches per step), whose
+# balanced micro-batches hold 2 videos, 3 images and 1 video: shares that do not split into the 2 pipeline
+# micro-batches are padded with zero-weight rows, and with dp_shard=2 one rank gets no row of a micro-batch.
+BALANCED_STEPS = 3
+BALANCED_CONFIG = {
+    "train": {"lr": 1e-3, "log_every": 1, "checkpoint_every": 2, "prefetch": 0, "warmup_steps": 1, "grad_accum": 2},
+    "model": {"depth": 2},
+}
+
+
+def balanced_command(problem: dict, output: Path, steps: int, *extra: str) -> list[str]:
+    return [
+        "train", "dit", "--manifest", str(problem["manifest"]), "--output", str(output), "--config", str(problem["config"]),
+        "--steps", str(steps), "--batch-size", "2", "--seed", "1", "--balanced", *extra,
+    ]
+
+
+def balanced_step_micro_batches(manifest: Path) -> list[tuple[list[int], list[float]]]:
+    """(rows, cost of one row) of each micro-batch of each step of the single-process balanced run."""
+    from mugen.data.balanced import BalancedBatchSampler, SampleCost, dit_tokens_for_shape_key
+    from mugen.data.datasets import LatentTextDataset
+    from mugen.models.dit import dit_config
+
+    dataset = LatentTextDataset(manifest)
+    first = dataset[0]
+    config = dit_config("debug", depth=2, text_dim=first["text_states"].shape[-1], latent_channels=first["latents"].shape[0])
+    keys = dataset.shape_keys()
+    sampler = BalancedBatchSampler(
+        keys, [dit_tokens_for_shape_key(key, config.patch_size) for key in keys],
+        SampleCost.for_dit(config, text_tokens=first["text_states"].shape[0]),
+        batch_size=2, micro_batches=2, seed=1, world_size=1, rank=0,
+    )
+    steps = []
+    for step in range(BALANCED_STEPS):
+        units = sampler.step_plan(step * sampler.units_per_step).rank_batches[0]
+        steps.append(([len(unit) for unit in units], [sampler.sample_cost(unit[0]) for unit in units]))
+    return steps
+
+
+@pytest.fixture(scope="module")
+def balanced_problem(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("dtrain_pp_balanced")
+    problem = {"root": root, "manifest": build_latent_dataset(root / "data", videos=5, images=3), "config": root / "config.json"}
+    problem["config"].write_text(json.dumps(BALANCED_CONFIG))
+    assert main(balanced_command(problem, root / "single", BALANCED_STEPS)) == 0
+    problem["losses"] = logged(root / "single", "loss")
+    assert len(problem["losses"]) == BALANCED_STEPS
+    sizes = [size for sizes, _ in balanced_step_micro_batches(problem["manifest"]) for size in sizes]
+    assert any(size % 2 for size in sizes), "some micro-batch must not split into the 2 pipeline micro-batches"
+    return problem
+
+
+def test_balanced_pipeline_run_gives_single_process_losses_and_resumes_without_stages(balanced_problem):
+    """pp=2: 2 steps, then a new job from the sharded checkpoint on dp_shard=2 (the sampler's global position carries over)."""
+    output = balanced_problem["root"] / "pp2"
+    argv = balanced_command(balanced_problem, output, BALANCED_STEPS - 1, "--parallel", "pp=2,pp_microbatches=2")
+    assert run_distributed(train_on_rank, 2, args=(argv,)) == [0, 0]
+    assert logged(output, "loss") == pytest.approx(balanced_problem["losses"][:-1], rel=LOSS_RTOL)
+    argv = balanced_command(balanced_problem, output, BALANCED_STEPS, "--parallel", "dp_shard=2")
+    assert run_distributed(train_on_rank, 2, args=(argv,)) == [0, 0]
+    assert logged(output, "loss") == pytest.approx(balanced_problem["losses"], rel=LOSS_RTOL)
+
+
+def test_balanced_pipeline_with_data_parallel_stages_splits_rows_by_cost(balanced_problem):
+    """pp=2 x dp_shard=2: the single-process losses, and each data-parallel group's rows are the balanced split."""
+    from mugen.data.balanced import imbalance, row_split_plan
+
+    output = balanced_problem["root"] / "pp2_dp2"
+    argv = balanced_command(balanced_problem, output, BALANCED_STEPS, "--parallel", "pp=2,dp_shard=2,pp_microbatches=2")
+    assert run_distributed(train_on_rank, 4, args=(argv,)) == [0] * 4
+    assert logged(output, "loss") == pytest.approx(balanced_problem["losses"], rel=LOSS_RTOL)
+    steps = balanced_step_micro_batches(balanced_problem["manifest"])
+    plans = [row_split_plan(sizes, costs, 2) for sizes, costs in steps]
+    assert any(0 in counts for counts_of_step, _ in plans for counts in counts_of_step)  # a group without rows
+    assert logged(output, "rank_cost_imbalance") == pytest.approx([imbalance(costs) for _, costs in plans], rel=1e-6, abs=1e-9)
+    assert logged(output, "samples") == [sum(counts[0] for counts in counts_of_step) for counts_of_step, _ in plans]

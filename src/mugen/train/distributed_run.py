@@ -160,31 +160,31 @@ class DataParallelShare:
         return output
 
 
-class BalancedDataParallelShare(DataParallelShare):
-    """``DataParallelShare`` for ``--balanced`` (seed §5.2): the rows of each micro-batch split by cost.
+class BalancedRowSplit:
+    """The rows of each micro-batch of a ``--balanced`` global step, split by cost over the data-parallel ranks (seed §5.2).
 
     Every rank reads the global step of the single-process balanced run (``BalancedBatchSampler``
     with ``world_size=1``: its micro-batches of near-equal cost, one shape each). Each micro-batch's
     rows are split with ``mugen.data.balanced.split_rows``: equal counts, and the remainder rows go
     to the data-parallel ranks that took the least cost so far in the step, so every rank's step cost
-    is within one sample's cost of the others'. Rank ``r`` takes a contiguous block of rows; its
-    loss is weighted as in ``DataParallelShare``, so the gradient is the single-process run's.
-
-    A micro-batch with fewer rows than ranks (a bucket's last micro-batch) leaves some ranks without
-    a row: they compute the loss of the first row times 0, so FSDP's collectives still line up (the
-    gradient gets exact zeros; only a non-finite loss on that row would differ: it skips the step).
+    is within one sample's cost of the others'. Rank ``index`` takes a contiguous block of rows.
     The step boundary is every ``micro_batches`` calls (the Trainer calls once per micro-batch, and a
-    resumed run starts on a step boundary). The step's rank cost imbalance (max / mean - 1) is
-    returned as the metric ``rank_cost_imbalance`` (replacing the sampler's, which sees one rank).
+    resumed run starts on a step boundary). Used by ``BalancedDataParallelShare`` and, with pipeline
+    stages, by ``pipeline_run.PipelineShare``.
     """
 
-    def __init__(self, task, index: int, count: int, sampler, micro_batches: int):
-        super().__init__(task, index, count)
-        self.sampler, self.micro_batches = sampler, int(micro_batches)
+    def __init__(self, sampler, index: int, count: int, micro_batches: int):
+        self.sampler, self.index, self.count, self.micro_batches = sampler, index, count, int(micro_batches)
         self._micro_index = 0
         self._loads = [0.0] * count
 
-    def compute_loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> LossOutput:
+    def take(self, batch: dict) -> tuple[int, int, float]:
+        """(first row, number of rows of this rank, the step's rank cost imbalance) for the next micro-batch.
+
+        The imbalance (max / mean - 1 of the ranks' step costs) is carried by the step's last
+        micro-batch, times ``micro_batches`` (the Trainer averages metrics over the micro-batches),
+        and 0 on the others.
+        """
         from mugen.data.balanced import imbalance, split_rows
 
         if "index" not in batch:
@@ -194,17 +194,38 @@ class BalancedDataParallelShare(DataParallelShare):
         batch_size = int(batch["latents"].shape[0])
         row_cost = sum(self.sampler.sample_cost(int(i)) for i in batch["index"].tolist()) / batch_size
         counts = split_rows(batch_size, row_cost, self._loads)
-        start = sum(counts[: self.index])
-        mine = counts[self.index]
+        self._micro_index = (self._micro_index + 1) % self.micro_batches
+        step_imbalance = imbalance(self._loads) * self.micro_batches if self._micro_index == 0 else 0.0
+        return sum(counts[: self.index]), counts[self.index], step_imbalance
+
+
+class BalancedDataParallelShare(DataParallelShare):
+    """``DataParallelShare`` for ``--balanced`` (seed §5.2): the rows of each micro-batch split by cost.
+
+    ``BalancedRowSplit`` gives this rank's contiguous rows of each micro-batch of the global
+    balanced step; its loss is weighted as in ``DataParallelShare``, so the gradient is the
+    single-process run's.
+
+    A micro-batch with fewer rows than ranks (a bucket's last micro-batch) leaves some ranks without
+    a row: they compute the loss of the first row times 0, so FSDP's collectives still line up (the
+    gradient gets exact zeros; only a non-finite loss on that row would differ: it skips the step).
+    The step's rank cost imbalance (max / mean - 1) is returned as the metric ``rank_cost_imbalance``
+    (replacing the sampler's, which sees one rank).
+    """
+
+    def __init__(self, task, index: int, count: int, sampler, micro_batches: int):
+        super().__init__(task, index, count)
+        self.split = BalancedRowSplit(sampler, index, count, micro_batches)
+
+    def compute_loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> LossOutput:
+        start, mine, step_imbalance = self.split.take(batch)
+        batch_size = int(batch["latents"].shape[0])
         rows = slice(start, start + mine) if mine else slice(0, 1)
         output = self.task.compute_loss(model, batch, generator, rows=rows)
         output.loss = output.loss * (mine * self.count / batch_size)
         if not mine:  # no sample of this micro-batch: a zero contribution, and nothing to log
             output.per_sample = None if output.per_sample is None else output.per_sample[:0]
             output.timesteps = None if output.timesteps is None else output.timesteps[:0]
-        self._micro_index = (self._micro_index + 1) % self.micro_batches
-        # The Trainer averages metrics over the step's micro-batches: the last one carries the step's value.
-        step_imbalance = imbalance(self._loads) * self.micro_batches if self._micro_index == 0 else 0.0
         output.metrics = {**output.metrics, "rank_cost_imbalance": step_imbalance}
         return output
 
@@ -218,16 +239,27 @@ class ShardedWeightAverages(WeightAverages):
     EMA export gather one tensor at a time to rank 0, which writes the files of the single-process
     run (same names, same layout, fused rows in the official order): `mugen posthoc-ema`,
     `mugen generate` and ``load_dit`` use them unchanged. Both are collectives: every rank calls them.
+    ``gather`` and ``naming_model`` are what a pipeline run (``pipeline_run.PipelineWeightAverages``) changes.
     """
+
+    def gather(self, named: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+        """Single-device CPU copies of ``named`` (tensors of ``model`` or of an average) on rank 0, {} elsewhere (collective)."""
+        from mugen.distributed.ema import gathered_tensors
+
+        return gathered_tensors(named, model, on_every_rank=False)
+
+    def naming_model(self, model: nn.Module) -> nn.Module:
+        """The module whose state dict gives the written files' names and tied aliases (rank 0)."""
+        return model
 
     def write_snapshot(self, step: int, model) -> Path | None:
         """``snapshots/step_{step:08d}/``: model.safetensors + power_ema_*.safetensors, written by rank 0 atomically."""
         import shutil
         import tempfile
 
-        from mugen.distributed.ema import gathered_ema_state_dict, gathered_model_weights, save_gathered_weights
+        from mugen.distributed.ema import save_gathered_weights
         from mugen.train.checkpoint import MODEL_FILE, step_dir_name
-        from mugen.train.ema import power_ema_file_name
+        from mugen.train.ema import EMA, power_ema_file_name
         from mugen.train.runs import SNAPSHOTS_DIR
 
         is_main = dist.get_rank() == 0
@@ -238,14 +270,14 @@ class ShardedWeightAverages(WeightAverages):
             root.mkdir(parents=True, exist_ok=True)
             temporary = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
         try:
-            full = gathered_model_weights(model, on_every_rank=False)
+            full = self.gather(EMA._named_tensors(model), model)
             if is_main:
-                save_gathered_weights(full, model, temporary / MODEL_FILE)
+                save_gathered_weights(full, self.naming_model(model), temporary / MODEL_FILE)
             del full
             for sigma_rel in self.power_sigma_rels:
-                full = gathered_ema_state_dict(self.averages[f"power_ema_{sigma_rel:.4f}"], model, on_every_rank=False)
+                full = self.gather(self.averages[f"power_ema_{sigma_rel:.4f}"].shadow, model)
                 if is_main:
-                    save_gathered_weights(full, model, temporary / power_ema_file_name(sigma_rel))
+                    save_gathered_weights(full, self.naming_model(model), temporary / power_ema_file_name(sigma_rel))
                 del full
             if is_main:
                 if final.exists():  # written before an interruption: the resumed run rewrites it identically
@@ -260,17 +292,17 @@ class ShardedWeightAverages(WeightAverages):
 
     def export_ema(self) -> Path | None:
         """Write ``output_dir/ema`` (model_config.json + model.safetensors) on rank 0, as the single-process run does."""
-        from mugen.distributed.ema import gathered_ema_state_dict, save_gathered_weights
+        from mugen.distributed.ema import save_gathered_weights
         from mugen.models.dit.io import write_run_config
         from mugen.train.checkpoint import MODEL_FILE
         from mugen.train.runs import EMA_DIR
 
         if "ema" not in self.averages:
             return None
-        full = gathered_ema_state_dict(self.averages["ema"], self.model, on_every_rank=False)
+        full = self.gather(self.averages["ema"].shadow, self.model)
         folder = self.output_dir / EMA_DIR
         if dist.get_rank() == 0:
-            save_gathered_weights(full, self.model, folder / MODEL_FILE)
+            save_gathered_weights(full, self.naming_model(self.model), folder / MODEL_FILE)
             record = dict(self.run_record)
             record["ema"] = {"decay": self.ema_decay, "updates": self.averages["ema"].updates}
             write_run_config(folder, record)
@@ -450,19 +482,8 @@ def parallel_run_for(spec, without_pipeline: str | None = None) -> ParallelRun |
     if config.pp > 1:  # pipeline stages: train/pipeline_run.py
         from mugen.train.pipeline_run import PipelineRun
 
-        unsupported = [
-            flag
-            for flag, used in (
-                ("--balanced", spec.balanced),
-                ("--ema-decay", spec.ema_decay is not None),
-                ("--snapshot-every", bool(spec.snapshot_every)),
-            )
-            if used
-        ]
-        if unsupported:
-            raise MugenError(
-                f"{', '.join(unsupported)} together with pipeline stages (--parallel pp={config.pp}) is not available yet; "
-                "drop the option or train without pp (dp_shard/tp/cp)"
-            )
-        return PipelineRun(config, spec.device, (spec.batch_size, spec.image_batch_size))
+        # --balanced: the micro-batch sizes vary; each data-parallel share is padded to a multiple of
+        # pp_microbatches with zero-weight rows instead of being checked here.
+        batch_sizes = () if spec.balanced else (spec.batch_size, spec.image_batch_size)
+        return PipelineRun(config, spec.device, batch_sizes, micro_batches=spec.train.grad_accum)
     return ParallelRun(config, spec.device, micro_batches=spec.train.grad_accum)

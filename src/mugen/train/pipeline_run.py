@@ -24,26 +24,44 @@ each stage is sharded with FSDP2 over the ranks that hold the same stage. What c
 * Checkpoints are the sharded checkpoints of ``distributed_run.py`` (``DistributedCheckpointer``:
   single-device names, each rank writes its stage's parameters and AdamW moments), so a pipeline
   run resumes on a layout without stages and the other way round.
+* ``--ema-decay`` / ``--snapshot-every`` (seed §4.2.3): ``PipelineWeightAverages`` keeps the online
+  EMA and the power-function EMAs of this rank's stage (its FSDP/TP shards), updated locally after
+  every optimizer step and saved with the stage (``PipelineAveragesCheckpointer``: the checkpoint
+  holds the whole model's averages under single-device names, resumable with or without stages).
+  Snapshots and the EMA export gather each tensor inside its stage and send it to rank 0
+  (``gathered_across_stages``), which writes the single-process run's ``snapshots/step_*`` and
+  ``ema/`` files, named after a meta-device MUG-DiT.
+* ``--balanced`` (seed §5.2): every rank reads the single-process balanced run's global step;
+  ``BalancedRowSplit`` splits each micro-batch's rows by cost over the data-parallel groups (as
+  without stages), and each group's share (any size, even none) is padded to a multiple of
+  ``pp_microbatches`` with zero-weight copies of its first row, the real rows' weights raised so the
+  schedule's mean is theirs: the pipeline micro-batches of a share hold equal rows of one shape.
+  The gradient is the single-process run's (padding adds exact zeros).
 
-Tested against the single-process run (tests/distributed/test_distributed_train_pipeline.py): pp=2,
-pp=2 x dp_shard=2 and pp=2 x tp=2, resumed on pp=2, dp_shard=2 and tp=2. Refused: the interleaved
-schedule (one stage per rank here) and micro-batch counts that do not divide every data-parallel
-share of a batch.
+Tested against the single-process run (tests/distributed/test_distributed_train_pipeline.py,
+test_distributed_train_pipeline_averages.py): pp=2, pp=2 x dp_shard=2 and pp=2 x tp=2, resumed on
+pp=2, dp_shard=2 and tp=2; --balanced on pp=2 (resumed on dp_shard=2) and pp=2 x dp_shard=2; EMA and
+snapshots on pp=2 and pp=2 x dp_shard=2, resumed on pp=2 (bitwise) and dp_shard=2. Refused: the
+interleaved schedule (one stage per rank here), 1F1B with fewer micro-batches than stages, and
+(without --balanced) micro-batch counts that do not divide every data-parallel share of a batch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from mugen.distributed.checkpoint import DistributedCheckpointer, _canonical_view, _training_state_dicts
-from mugen.distributed.tensor_parallel import FUSED_ROWS_ATTRIBUTE
+from mugen.distributed.ema import AveragesCheckpointer
+from mugen.distributed.tensor_parallel import FUSED_ROWS_ATTRIBUTE, canonical_rows
 from mugen.errors import MugenError
-from mugen.train.distributed_run import DistributedStrategy, ParallelRun
+from mugen.train.distributed_run import BalancedRowSplit, DistributedStrategy, ParallelRun, ShardedWeightAverages
 from mugen.train.trainer import LossOutput, Trainer
 
 log = logging.getLogger(__name__)
@@ -96,32 +114,74 @@ class _ScheduledGradients(torch.autograd.Function):
         return None, None, None
 
 
+def padded_rows(inputs, rows: int):
+    """``inputs`` (``FlowInputs`` of n rows) grown to ``rows`` rows by repeating its first row (loss weight 0 there)."""
+    from mugen.models.text.base import TextFeatures
+
+    present = int(inputs.x0.shape[0])
+    if rows == present:
+        return inputs
+    index = torch.cat([torch.arange(present), torch.zeros(rows - present, dtype=torch.long)]).to(inputs.x0.device)
+
+    def grown(tensor: Tensor | None) -> Tensor | None:
+        return None if tensor is None else tensor.index_select(0, index.to(tensor.device))
+
+    weights = grown(inputs.weights)
+    weights[present:] = 0.0
+    return dataclasses.replace(
+        inputs, x0=grown(inputs.x0), t=grown(inputs.t), noise=grown(inputs.noise), frame_cond_mask=grown(inputs.frame_cond_mask),
+        text=TextFeatures(grown(inputs.text.states), grown(inputs.text.mask)), fps=grown(inputs.fps), weights=weights,
+    )
+
+
 class PipelineShare:
     """A ``TrainTask`` wrapper: this data-parallel group's rows of each global micro-batch, through the pipeline.
 
     The loss is the share's weighted mean times ``share * count / batch``, as in
     ``DataParallelShare``: FSDP's average over the ``count`` groups gives the global batch's mean.
+    With ``split`` (a ``BalancedRowSplit``, ``--balanced``, seed §5.2) the rows of each micro-batch
+    of the global balanced step are split by cost as ``BalancedDataParallelShare`` does.
+
+    The schedule cuts the share into ``pp_microbatches`` equal pipeline micro-batches. A share that
+    does not split evenly (balanced micro-batches have any size; a share may even be empty) is padded
+    with copies of its first row of loss weight 0, and the real rows' weights are raised by
+    padded / real so the schedule's mean over the padded rows is the mean over the real ones: the
+    pipeline micro-batches of a share have equal rows of one shape, so near-equal cost, and the
+    padding adds exact zeros to the gradient.
     """
 
-    def __init__(self, task, pipe, index: int, count: int):
+    def __init__(self, task, pipe, index: int, count: int, split: BalancedRowSplit | None = None):
         if not hasattr(task, "draw_inputs"):
             raise MugenError(f"pipeline parallel training needs a DiT flow task (draw_inputs); got {type(task).__name__}")
-        self.task, self.pipe, self.index, self.count = task, pipe, index, count
+        self.task, self.pipe, self.index, self.count, self.split = task, pipe, index, count, split
 
     def compute_loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> LossOutput:
         batch_size = int(batch["latents"].shape[0])
-        rows = data_parallel_rows(batch_size, self.index, self.count)
+        metrics = {}
+        if self.split is None:
+            rows = data_parallel_rows(batch_size, self.index, self.count)
+            mine = rows.stop - rows.start
+        else:
+            start, mine, step_imbalance = self.split.take(batch)
+            rows = slice(start, start + mine) if mine else slice(0, 1)  # no row of this micro-batch: the first one, weight 0
+            metrics["rank_cost_imbalance"] = step_imbalance
         default_fps = model.config.default_fps if batch.get("fps") is not None else None
         inputs = self.task.draw_inputs(batch, generator, default_fps, rows)
-        scale = (rows.stop - rows.start) * self.count / batch_size
+        scale = mine * self.count / batch_size
+        micro = self.pipe.n_microbatches
+        drawn = rows.stop - rows.start
+        padded = -(-drawn // micro) * micro  # a multiple of the pipeline's micro-batches
+        sample_weight = inputs.weights * scale
+        if padded != mine:
+            sample_weight = sample_weight * (padded / mine if mine else 0.0)
+        run = padded_rows(dataclasses.replace(inputs, weights=sample_weight), padded)
         parameters = list(self.pipe.parameters())
         held = [parameter.grad for parameter in parameters]  # earlier micro-batches of this step
         for parameter in parameters:
             parameter.grad = None
         per_sample = self.pipe.flow_step(
-            inputs.x0, inputs.text, inputs.t, inputs.noise, inputs.frame_cond_mask,
-            fps=inputs.fps, sample_weight=inputs.weights * scale,
-        )  # (share,) unweighted, the same on every stage
+            run.x0, run.text, run.t, run.noise, run.frame_cond_mask, fps=run.fps, sample_weight=run.weights,
+        )[:drawn]  # (drawn,) unweighted, the same on every stage; the padding rows dropped
         fresh = [parameter.grad for parameter in parameters]  # d(scale * weighted mean) / d(weights)
         for parameter, grad in zip(parameters, held):
             parameter.grad = grad
@@ -137,7 +197,8 @@ class PipelineShare:
         anchor = torch.zeros((), device=per_sample.device, requires_grad=True)
         loss = _ScheduledGradients.apply(anchor, weighted.mean() * scale, add_gradients)
         return LossOutput(
-            loss=loss, per_sample=weighted, timesteps=inputs.t.detach(), metrics={"text_dropped": inputs.text_dropped}
+            loss=loss, per_sample=weighted[:mine], timesteps=inputs.t.detach()[:mine],
+            metrics={"text_dropped": inputs.text_dropped, **metrics},
         )
 
 
@@ -164,6 +225,77 @@ class PipelineCheckpointer(DistributedCheckpointer):
         return state, view
 
 
+class PipelineAveragesCheckpointer(PipelineCheckpointer, AveragesCheckpointer):
+    """``PipelineCheckpointer`` with the stage's weight averages (seed §4.2.3), as ``AveragesCheckpointer`` saves them.
+
+    Each rank writes its stage's shards of every average under ``<average>.<parameter name>``
+    (single-device names and rows), so the checkpoint holds the averages of the whole model, as one
+    written without stages: it resumes the averages on any layout, and a pipeline run resumes the
+    averages of any sharded checkpoint (each stage reads its parameters' entries).
+    """
+
+
+def gathered_across_stages(named: dict[str, Tensor], stage: nn.Module) -> dict[str, Tensor]:
+    """Single-device CPU copies of every stage's ``named`` tensors on rank 0, {} elsewhere (a collective).
+
+    Every rank names its tensors (names, global shapes, dtypes: one ``all_gather_object``); then,
+    name by name in one order every rank computes, the ranks holding a tensor (a stage's dp/tp/cp
+    ranks) gather it (``full_tensor``, fused rows back to [q|k|v]), the lowest of them sends it to
+    rank 0 unless that is rank 0 itself, and rank 0 receives it. Rank 0 holds one stage, so it gets
+    the whole model one tensor at a time and never more than one tensor of another stage in flight.
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = {name: (tuple(tensor.shape), tensor.dtype) for name, tensor in named.items()}
+    everyone: list[dict] = [None] * world
+    dist.all_gather_object(everyone, mine)
+    holders: dict[str, list[int]] = {}
+    for holder, names in enumerate(everyone):
+        for name in names:
+            holders.setdefault(name, []).append(holder)
+    fused_rows = getattr(stage, FUSED_ROWS_ATTRIBUTE, {})
+    device = next(iter(named.values())).device if named else torch.device("cpu")
+    full: dict[str, Tensor] = {}
+    for name, ranks in holders.items():  # first seen on the lowest rank: the same order everywhere
+        sender = ranks[0]
+        tensor = None
+        if rank in ranks:
+            tensor = named[name]
+            tensor = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+            tensor = tensor.detach()
+            if name in fused_rows:
+                tensor = canonical_rows(tensor, fused_rows[name])
+            if rank == sender and rank != 0:
+                dist.send(tensor.contiguous(), dst=0)
+        elif rank == 0:
+            shape, dtype = everyone[sender][name]
+            tensor = torch.empty(shape, dtype=dtype, device=device)
+            dist.recv(tensor, src=sender)
+        if rank == 0:
+            full[name] = tensor.to("cpu").clone()
+    return full
+
+
+class PipelineWeightAverages(ShardedWeightAverages):
+    """``ShardedWeightAverages`` of a pipeline run (seed §4.2.3): each rank averages its stage's parameters.
+
+    The averages are built from ``trainer.model`` (this rank's stage, single-device names; FSDP/TP
+    shards as DTensors) and updated locally; ``PipelineStrategy`` checkpoints them with the stage.
+    Snapshots and the EMA export gather every stage's tensors to rank 0
+    (``gathered_across_stages``), which writes the single-process run's files, naming them after
+    ``naming_model`` (the whole MUG-DiT on the meta device: names and tied aliases, no weights).
+    """
+
+    def __init__(self, *args, naming_model: nn.Module, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._naming_model = naming_model
+
+    def gather(self, named: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+        return gathered_across_stages(named, model)
+
+    def naming_model(self, model: nn.Module) -> nn.Module:
+        return self._naming_model
+
+
 class PipelineStrategy(DistributedStrategy):
     """The Trainer's reduce/clip/save/load over pipeline stages (see the module docstring)."""
 
@@ -175,27 +307,41 @@ class PipelineStrategy(DistributedStrategy):
         return float(self.pipe.clip_grad_norm_(max_norm))  # the norm over every stage
 
     def checkpointer(self, trainer: Trainer):
+        """The stage's sharded checkpointer; with the Trainer's ``extra_state`` (weight averages) those too."""
         if self._checkpointer is None:
-            self._checkpointer = PipelineCheckpointer(
-                trainer.output_dir,
-                trainer.model,
-                trainer.optimizer,
-                layout=self.layout,
-                keep_checkpoints=trainer.config.keep_checkpoints,
-                parameter_names=self.parameter_names,
+            averages = trainer.extra_state() if trainer.extra_state is not None else {}
+            common = dict(
+                layout=self.layout, keep_checkpoints=trainer.config.keep_checkpoints, parameter_names=self.parameter_names
             )
+            if averages:  # the stage's EMA shards beside its parameters' (seed §4.2.3)
+                self._checkpointer = PipelineAveragesCheckpointer(
+                    trainer.output_dir, trainer.model, trainer.optimizer, averages=averages, **common
+                )
+            else:
+                self._checkpointer = PipelineCheckpointer(trainer.output_dir, trainer.model, trainer.optimizer, **common)
         return self._checkpointer
 
 
 class PipelineRun(ParallelRun):
-    """The mesh, the stages and the Trainer pieces of a run with ``pp`` > 1."""
+    """The mesh, the stages and the Trainer pieces of a run with ``pp`` > 1.
 
-    def __init__(self, config, device: str, batch_sizes: tuple[int | None, ...] = ()):
+    ``batch_sizes``: the run's fixed micro-batch sizes, checked to split into ``pp_microbatches``
+    per data-parallel share (empty with ``--balanced``, whose shares are padded instead).
+    ``micro_batches``: the Trainer's micro-batches per step (``grad_accum``), the step boundary of
+    the balanced row split.
+    """
+
+    def __init__(self, config, device: str, batch_sizes: tuple[int | None, ...] = (), micro_batches: int = 1):
         if config.pp_schedule == "Interleaved1F1B":
             raise MugenError(
                 "--parallel pp_schedule=Interleaved1F1B: `mugen train dit` keeps one stage per rank; use 1F1B or GPipe"
             )
         micro = config.pp_microbatches
+        if config.pp_schedule == "1F1B" and micro < config.pp:
+            raise MugenError(
+                f"--parallel pp={config.pp},pp_microbatches={micro}: the 1F1B schedule needs at least as many "
+                f"micro-batches as stages; set pp_microbatches={config.pp} or more, or pp_schedule=GPipe"
+            )
         for size in (size for size in batch_sizes if size):
             rows = [data_parallel_rows(size, index, config.data_parallel_size) for index in range(config.data_parallel_size)]
             shares = {part.stop - part.start for part in rows}
@@ -206,14 +352,15 @@ class PipelineRun(ParallelRun):
                     f"pp_microbatches={micro}; make every share a multiple of {micro} (batch size = a multiple of "
                     f"{micro * config.data_parallel_size}) or change pp_microbatches"
                 )
-        super().__init__(config, device)
-        self.pipe, self.parameter_names = None, []
+        super().__init__(config, device, micro_batches=micro_batches)
+        self.pipe, self.parameter_names, self.model_config = None, [], None
 
     def build_model(self, model_config, build_single_device: Callable[[], nn.Module]) -> nn.Module:
         """This rank's stage (parameters under the single-device names), with ``build_single_device()``'s weights."""
         from mugen.distributed import parallelize_dit
         from mugen.models.dit import MUGDiT
 
+        self.model_config = model_config
         with torch.device("meta"):
             model = MUGDiT(model_config)
         entries = [(name, tensor.shape, tensor.dtype) for name, tensor in model.state_dict().items()]
@@ -229,9 +376,26 @@ class PipelineRun(ParallelRun):
         return stage
 
     def wrap_task(self, task, sampler=None) -> PipelineShare:
+        """This data-parallel group's share of every global micro-batch, through the pipeline; split by cost with a balanced sampler."""
+        split = None
         if getattr(sampler, "is_stream", False):
-            raise MugenError("--balanced together with pipeline stages (--parallel pp=...) is not available yet; drop one of them")
-        return PipelineShare(task, self.pipe, self.dp_index, self.dp_count)
+            if sampler.world_size != 1:
+                raise MugenError(
+                    f"the balanced sampler plans {sampler.world_size} ranks; on several processes build it with "
+                    "world_size=1, rank=0 (every rank reads the global step, the rows are split per rank)"
+                )
+            split = BalancedRowSplit(sampler, self.dp_index, self.dp_count, self.micro_batches)
+        return PipelineShare(task, self.pipe, self.dp_index, self.dp_count, split)
+
+    def weight_averages(self, *args, **kwargs) -> PipelineWeightAverages:
+        """``WeightAverages(*args, **kwargs)`` of this rank's stage, gathered over the stages on export."""
+        from mugen.models.dit import MUGDiT
+
+        if self.model_config is None:
+            raise MugenError("PipelineRun.weight_averages: call build_model first (the averages follow its stage)")
+        with torch.device("meta"):
+            naming_model = MUGDiT(self.model_config)  # names only: no memory
+        return PipelineWeightAverages(*args, naming_model=naming_model, **kwargs)
 
     def strategy(self) -> PipelineStrategy:
         return PipelineStrategy(self.mesh, self.layout, self.pipe, self.parameter_names)
