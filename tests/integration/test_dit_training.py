@@ -104,3 +104,32 @@ def test_bf16_autocast_path_runs_the_dit_in_bf16_and_learns(latent_manifest, tmp
 
     weights = load_file(str(next((tmp_path / "bf16" / "checkpoints").glob("step_*")) / "model.safetensors"))
     assert all(t.dtype == torch.float32 for t in weights.values())
+
+
+def test_one_process_takes_the_block_options_of_a_layout(latent_manifest, tmp_path, monkeypatch):
+    """`--parallel activation_checkpointing=full,compile_blocks=true,...` on one process: the blocks are recomputed
+    and compiled on their device, and the losses stay those of the plain run."""
+    import torch._functorch.config as functorch_config
+
+    compiled = []
+    real_compile = torch.compile
+
+    def compile_without_a_toolchain(fn, **kwargs):  # aot_eager: the wiring, without CI's missing C++ compiler
+        compiled.append("checkpointed" if hasattr(fn, "__wrapped__") else "plain")  # functools.wraps of the recompute
+        return real_compile(fn, backend="aot_eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", compile_without_a_toolchain)
+    plain = train_dit(spec(latent_manifest, tmp_path / "plain", 6))
+    assert compiled == []
+    run = spec(latent_manifest, tmp_path / "blocks", 6)
+    run.parallel = {"activation_checkpointing": "full", "compile_blocks": True, "compile_memory_budget": 0.8}
+    budget = functorch_config.activation_memory_budget
+    try:
+        with_options = train_dit(run)
+        assert functorch_config.activation_memory_budget == 0.8
+    finally:
+        functorch_config.activation_memory_budget = budget
+    assert compiled == ["checkpointed"] * 2  # depth 2: each block's checkpointed forward, compiled
+    losses = [[entry["loss"] for entry in history if "loss" in entry] for history in (plain, with_options)]
+    assert len(losses[0]) == 6
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-5, atol=1e-6)

@@ -86,10 +86,18 @@ def apply_activation_checkpointing(blocks: nn.ModuleList, mode: str) -> None:
         checkpoint_module_forward(block, mode)
 
 
-def compile_blocks(blocks: nn.ModuleList, **compile_kwargs) -> None:
+def compile_blocks(blocks: nn.ModuleList, memory_budget: float = 1.0, **compile_kwargs) -> None:
     """``torch.compile`` each block's forward separately (one graph per block, reused by all blocks of a shape).
 
-    Hooks (FSDP2, sequence-parallel splitting) stay outside the compiled region.
+    Hooks (FSDP2, sequence-parallel splitting) stay outside the compiled region. ``memory_budget`` < 1 sets
+    torch's ``activation_memory_budget`` (a process-wide setting of the forward/backward partitioner, read when a
+    block is first compiled): the partitioner then recomputes cheap ops in the backward so that the activations it
+    keeps fit that share of what it keeps by default (1B preset on an H100, benchmarks/results/fa4_attention.md:
+    0.8 kept 33.2 GiB instead of 51.9 at 1.5% more step time).
     """
+    if memory_budget < 1.0:
+        import torch._functorch.config as functorch_config
+
+        functorch_config.activation_memory_budget = memory_budget
     for block in blocks:
         block.forward = torch.compile(block.forward, **compile_kwargs)

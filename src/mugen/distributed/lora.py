@@ -170,7 +170,7 @@ def parallelize_lora_dit(model: nn.Module, mesh: DeviceMesh, config: ParallelCon
         parameter.requires_grad_(trainable[name])
     apply_activation_checkpointing(model.blocks, config.activation_checkpointing)
     if config.compile_blocks:
-        compile_blocks(model.blocks)
+        compile_blocks(model.blocks, memory_budget=config.compile_memory_budget)
     dp_mesh = data_parallel_mesh(mesh)
     if dp_mesh is not None:
         apply_fsdp(model, dp_mesh, param_dtype=config.param_dtype, reduce_dtype=config.reduce_dtype, reshard_after_forward=config.reshard_after_forward)

@@ -34,6 +34,9 @@ class ParallelConfig:
     pp: int = 1  # pipeline stages, distributed/pipeline.py
     activation_checkpointing: str = "none"  # "none", "selective" (keep matmul outputs) or "full" (per block)
     compile_blocks: bool = False  # torch.compile each block's forward
+    # compiled blocks: torch's activation_memory_budget for the compiler's fwd/bwd partitioner (1.0 = keep what the
+    # default partitioner keeps; lower lets it recompute cheap ops in the backward to keep fewer activations)
+    compile_memory_budget: float = 1.0
     param_dtype: str = "bf16"  # FSDP2 compute dtype of the gathered weights ("bf16" or "fp32")
     reduce_dtype: str = "fp32"  # FSDP2 gradient reduction dtype
     reshard_after_forward: bool = True  # free gathered weights after each block's forward (ZeRO-3)
@@ -65,6 +68,12 @@ class ParallelConfig:
             raise MugenError(
                 f"ParallelConfig: activation_checkpointing={self.activation_checkpointing!r}; "
                 f"choose one of {', '.join(ACTIVATION_CHECKPOINTING_MODES)}"
+            )
+        budget = self.compile_memory_budget
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 < budget <= 1.0:
+            raise MugenError(
+                f"ParallelConfig: compile_memory_budget={budget!r} must be a number in (0, 1]; 1 keeps the default "
+                "partitioner, e.g. 0.8 recomputes cheap ops of compiled blocks to keep fewer activations"
             )
         for name in ("param_dtype", "reduce_dtype"):
             if getattr(self, name) not in PRECISION_DTYPES:

@@ -72,7 +72,7 @@ def parallelize_dit(model: nn.Module, mesh: DeviceMesh, config: ParallelConfig) 
         apply_tensor_parallel(model, mesh["tp"])
     apply_activation_checkpointing(model.blocks, config.activation_checkpointing)
     if config.compile_blocks:
-        compile_blocks(model.blocks)
+        compile_blocks(model.blocks, memory_budget=config.compile_memory_budget)
     dp_mesh = data_parallel_mesh(mesh)
     if dp_mesh is not None:
         apply_fsdp(
@@ -101,7 +101,7 @@ def _pipeline(model: nn.Module, mesh: DeviceMesh, config: ParallelConfig):
         apply_tensor_parallel(model, mesh["tp"])
     apply_activation_checkpointing(model.blocks, config.activation_checkpointing)
     if config.compile_blocks:
-        compile_blocks(model.blocks)
+        compile_blocks(model.blocks, memory_budget=config.compile_memory_budget)
     pipe = PipelinedDiT(model, mesh["pp"], n_microbatches=config.pp_microbatches, schedule=config.pp_schedule)
     fused_rows = getattr(model, FUSED_ROWS_ATTRIBUTE, {})
     for stage in pipe.stages:

@@ -35,13 +35,23 @@ do not:
   unchanged.
 
 Tested on gloo/CPU against the single-process run (tests/distributed/test_distributed_train.py,
-test_distributed_train_averages.py, test_distributed_train_balanced.py,
-test_distributed_train_pipeline.py): dp_shard, tp, cp, dp_shard x tp, cp x tp, gradient
-accumulation, resume on the same or another layout, EMA and snapshots (dp_shard, tp, resumed),
-balanced batches (dp_shard, resumed), pipeline stages (``PipelineRun`` of pipeline_run.py: pp,
-pp x dp_shard, pp x tp, resumed with or without stages). Not wired yet: curricula on several
-processes, and --balanced / EMA / snapshots together with pipeline stages (each raises a
-MugenError naming the option). Every rank reads the whole global batch (simple and deterministic;
+test_distributed_train_averages.py, test_distributed_train_balanced.py, test_distributed_train_pipeline.py,
+test_distributed_train_pipeline_averages.py, test_distributed_train_curriculum.py): dp_shard, tp, cp,
+dp_shard x tp, cp x tp, gradient accumulation, resume on the same or another layout, EMA and snapshots
+(dp_shard, tp, resumed), balanced batches (dp_shard, resumed), pipeline stages (``PipelineRun`` of
+pipeline_run.py: pp, pp x dp_shard, pp x tp, resumed with or without stages), and with stages --balanced
+(pp, pp x dp_shard, resumed without stages) and EMA / snapshots (pp, pp x dp_shard, pp x tp, resumed on pp
+and on dp_shard). With pipeline stages, ``PipelineWeightAverages`` keeps each stage's averages beside its
+shards, saves them in the stage's sharded checkpoint and sends them stage by stage to rank 0 for the
+single-process files, and ``--balanced`` splits each micro-batch's rows by cost as above, padding each
+data-parallel share to a multiple of ``pp_microbatches`` with zero-weight rows.
+
+Curricula (``train_dit_curriculum``, seed §4.2.2) run on dp_shard/tp/cp layouts: every rank keeps the whole
+schedule and sampler (the same global batches and stage transitions), takes its rows of each batch, and uses
+rank 0's validation loss for plateau decisions; the curriculum state (stage, plateau tracking, sampler
+position) is saved as JSON in the sharded checkpoint's training state, so a run resumes exactly on any
+layout, and only rank 0 writes ``curriculum.json`` / ``curriculum.png``. Not wired yet: curricula on
+pipeline stages (a MugenError). Every rank reads the whole global batch (simple and deterministic;
 the data-loading cost is repeated per rank), and the per-timestep loss bins and ``samples`` in the
 logs are rank 0's share.
 """
@@ -91,6 +101,11 @@ def parse_parallel(text: str) -> dict:
                 values[key] = int(raw)
             except ValueError:
                 raise MugenError(f"--parallel {text!r}: {key}={raw!r} must be a whole number") from None
+        elif isinstance(default, float):
+            try:
+                values[key] = float(raw)
+            except ValueError:
+                raise MugenError(f"--parallel {text!r}: {key}={raw!r} must be a number") from None
         else:
             values[key] = raw
     if not values:
@@ -128,8 +143,31 @@ def parallel_config(values: dict | None, world_size: int, autocast: bool):
     config = dataclass_from_dict(ParallelConfig, values, "--parallel / config section 'parallel'")
     config.validate(world_size)
     if world_size == 1:
-        return None  # a one-rank layout is the single-process run
+        return None  # a one-rank layout is the single-process run (its block options: apply_block_options)
     return config
+
+
+def apply_block_options(model: nn.Module, values: dict | None) -> None:
+    """One process: the per-block options of a ``--parallel`` layout applied to ``model.blocks`` on its device.
+
+    Activation checkpointing ("selective"/"full") and per-block compile (``compile_blocks``, with
+    ``compile_memory_budget``) do not need several processes; the axis sizes must then all be 1.
+    """
+    from mugen.distributed.activation import apply_activation_checkpointing, compile_blocks
+    from mugen.distributed.mesh import ParallelConfig
+    from mugen.train.runs import dataclass_from_dict
+
+    if not values:
+        return
+    config = dataclass_from_dict(ParallelConfig, dict(values), "--parallel / config section 'parallel'")
+    config.validate(1)
+    apply_activation_checkpointing(model.blocks, config.activation_checkpointing)
+    if config.compile_blocks:
+        compile_blocks(model.blocks, memory_budget=config.compile_memory_budget)
+    log.info(
+        "one process: activation checkpointing %s, per-block compile %s (memory budget %s)",
+        config.activation_checkpointing, config.compile_blocks, config.compile_memory_budget,
+    )
 
 
 class DataParallelShare:

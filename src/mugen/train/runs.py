@@ -243,7 +243,7 @@ def train_dit(spec: DiTRunSpec, resume: bool = True) -> list[dict]:
     from mugen.data.sampling import ShapeBucketBatchSampler
     from mugen.models.dit import MUGDiT
     from mugen.models.dit.io import write_run_config
-    from mugen.train.distributed_run import parallel_run_for
+    from mugen.train.distributed_run import apply_block_options, parallel_run_for
 
     manifest = Path(spec.manifest)
     dataset = LatentTextDataset(manifest, cache_in_memory=spec.cache_in_memory)
@@ -263,7 +263,11 @@ def train_dit(spec: DiTRunSpec, resume: bool = True) -> list[dict]:
             initialise_from(model, spec.init_from)
         return model
 
-    model = initial_model() if parallel is None else parallel.build_model(config, initial_model)
+    if parallel is None:
+        model = initial_model()
+        apply_block_options(model, spec.parallel)  # activation checkpointing / per-block compile on one device
+    else:
+        model = parallel.build_model(config, initial_model)
     keys = dataset.shape_keys()
     if spec.balanced:
         from mugen.data.balanced import BalancedBatchSampler, SampleCost, dit_tokens_for_shape_key

@@ -19,6 +19,19 @@ def test_config_checks_the_world_size_and_names_the_axes():
         ParallelConfig(activation_checkpointing="some").validate()
     with pytest.raises(MugenError, match="tp=0 must be a whole number"):
         ParallelConfig(tp=0).validate()
+    for budget in (0.0, 1.5, "0.8", True):
+        with pytest.raises(MugenError, match="compile_memory_budget=.* must be a number in \\(0, 1\\]"):
+            ParallelConfig(compile_memory_budget=budget).validate()
+
+
+def test_parse_parallel_reads_numbers_flags_and_words():
+    from mugen.train.distributed_run import parse_parallel
+
+    assert parse_parallel("compile_blocks=true,compile_memory_budget=0.8,activation_checkpointing=full") == {
+        "compile_blocks": True, "compile_memory_budget": 0.8, "activation_checkpointing": "full",
+    }
+    with pytest.raises(MugenError, match="compile_memory_budget='most' must be a number"):
+        parse_parallel("compile_memory_budget=most")
 
 
 @pytest.mark.parametrize("parts,tp", [(3, 2), (3, 4), (2, 2), (2, 3)])
@@ -90,4 +103,20 @@ def test_compiled_blocks_give_the_same_gradients():
     model = _tiny()
     compile_blocks(model.blocks, backend="aot_eager")  # the wiring, without a C++ toolchain on CI
     for name, grad in _gradients(model).items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
+def test_a_compile_memory_budget_is_handed_to_the_partitioner():
+    import torch._functorch.config as functorch_config
+
+    expected = _gradients(_tiny())
+    model = _tiny()
+    budget = functorch_config.activation_memory_budget
+    try:
+        compile_blocks(model.blocks, memory_budget=0.5, backend="aot_eager")
+        assert functorch_config.activation_memory_budget == 0.5
+        gradients = _gradients(model)
+    finally:
+        functorch_config.activation_memory_budget = budget
+    for name, grad in gradients.items():
         torch.testing.assert_close(grad, expected[name], rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
