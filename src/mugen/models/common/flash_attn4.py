@@ -165,7 +165,13 @@ def _backward(
     inputs = (q, k, v)
     if padded != head_dim:
         q, k, v, out, grad_out = (_pad_last(t, padded) for t in (q, k, v, out, grad_out))
-    grads = interface._flash_attn_bwd(q, k, v, out, grad_out, lse, softmax_scale, False, seqused_k=keys_used)[:3]
+    # With seqused_k the kernel writes dk and dv only for each sample's used keys: the rows of the unused (padded)
+    # keys must start at zero, or they keep whatever the allocator handed out (seen on an H100: gradients of
+    # relative error ~1 and a training run that diverged at its first step).
+    unused_key_rows = {} if keys_used is None else {"dk": torch.zeros_like(k), "dv": torch.zeros_like(v)}
+    grads = interface._flash_attn_bwd(
+        q, k, v, out, grad_out, lse, softmax_scale, False, seqused_k=keys_used, **unused_key_rows
+    )[:3]
     # each gradient in the strides of its input, as the fake promises (the kernel's own choice when unpadded:
     # it allocates them with torch.empty_like, so no copy is made then)
     return tuple(_in_strides_of(t, g if g.shape[-1] == head_dim else g[..., :head_dim]) for t, g in zip(inputs, grads))

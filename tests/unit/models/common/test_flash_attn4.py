@@ -35,16 +35,23 @@ def _stand_in_interface() -> types.ModuleType:
         out = torch.einsum("bhnl,blhd->bnhd", torch.softmax(s, dim=-1), v.double())
         return out.to(q.dtype).contiguous(), lse.float(), None, None, None
 
-    def _flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale, causal, seqused_k=None):
+    def _flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale, causal, seqused_k=None, dk=None, dv=None):
         calls["bwd"] += 1
         p = torch.exp(scores(q, k, softmax_scale, seqused_k) - lse.double()[..., None])  # (B, H, N, L) from the saved lse
         dout = dout.double()
-        dv = torch.einsum("bhnl,bnhd->blhd", p, dout)
+        dv_values = torch.einsum("bhnl,bnhd->blhd", p, dout)
         dp = torch.einsum("bnhd,blhd->bhnl", dout, v.double())
         ds = p * (dp - (dp * p).sum(-1, keepdim=True)) * softmax_scale
         dq = torch.einsum("bhnl,blhd->bnhd", ds, k.double())
-        dk = torch.einsum("bhnl,bnhd->blhd", ds, q.double())
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+        dk_values = torch.einsum("bhnl,bnhd->blhd", ds, q.double())
+        # like the kernel: dk/dv allocated with torch.empty_like unless given, and with seqused_k only the used
+        # keys' rows written (the rest keep what was there: NaN here, whatever the allocator held on a GPU)
+        dk = torch.full_like(k, float("nan")) if dk is None else dk
+        dv = torch.full_like(v, float("nan")) if dv is None else dv
+        used = torch.full((k.shape[0],), k.shape[1]) if seqused_k is None else seqused_k.long()
+        for b, count in enumerate(used.tolist()):
+            dk[b, :count], dv[b, :count] = dk_values[b, :count], dv_values[b, :count]
+        return dq.to(q.dtype), dk, dv
 
     module = types.ModuleType("stand_in_interface")
     module._flash_attn_fwd, module._flash_attn_bwd, module.calls = _flash_attn_fwd, _flash_attn_bwd, calls
