@@ -114,8 +114,14 @@ def test_float32_video_matches_the_reference_pipeline(models, expected):
 def test_bfloat16_video_matches_the_reference_pipeline_within_bfloat16_noise(models, expected):
     """Both pipelines in bf16 (DiT and VAE cast, T5 float32, CPU).
 
-    The timesteps (rounded through bf16 as the reference does) and the image latent agree exactly;
-    the sampled latents to 1e-2 (L2-relative). The decoded video cannot get within 1e-2: four guided
+    The timesteps (rounded through bf16 as the reference does) agree exactly. The image latent (the VAE
+    encode) agrees within bf16 rounding, which depends on the CPU: on one with AVX512-BF16 (native bf16 dot
+    products) it differed from the fixture's bf16 run by 1.4% (max-relative) while both were 1.5-1.9% from
+    float32; where the fixture was made they agreed within 1%. It is held to 1e-2 or 1.5x the reference's
+    own bf16-to-float32 distance, whichever is larger. That image latent is the first frame of every DiT
+    input, so the DiT inputs and the sampled latents are held to 2e-2 (L2-relative; 0.6-1.1% measured on
+    the AVX512-BF16 CPU; the bf16 and float32 reference trajectories are 100%+ apart, so a wrong step is far
+    outside). The decoded video cannot get within 1e-2: four guided
     steps (v_neg + 4 (v_pos - v_neg)) amplify bf16 rounding, so even mugen against itself with
     another exact attention kernel (SDPA's math backend) moves it by about 2e-2. The video must be
     no further from the reference than that kernel swap moves mugen, and far closer to the
@@ -128,10 +134,11 @@ def test_bfloat16_video_matches_the_reference_pipeline_within_bfloat16_noise(mod
     timesteps = release_timesteps(REQUEST["num_steps"], release_shift_ratio(*REQUEST["frame_size"], 5, torch.bfloat16))
     assert torch.equal(torch.cat(timesteps), expected["timesteps_bf16"])
     assert not torch.equal(expected["timesteps_bf16"], expected["timesteps_fp32"])
-    assert relative_error(result.image_latent, expected["image_latent_bf16"]) <= 1e-2
+    rounding = relative_error(expected["image_latent_bf16"], expected["image_latent_fp32"])  # 1.5% on the fixture
+    assert relative_error(result.image_latent, expected["image_latent_bf16"]) <= max(1e-2, 1.5 * rounding)
     for step, state in enumerate(result.trace):
-        assert l2_relative_error(state, expected["step_inputs_bf16"][step]) <= 1e-2, f"DiT input at step {step}"
-    assert l2_relative_error(result.latents, expected["samples_bf16"]) <= 1e-2
+        assert l2_relative_error(state, expected["step_inputs_bf16"][step]) <= 2e-2, f"DiT input at step {step}"
+    assert l2_relative_error(result.latents, expected["samples_bf16"]) <= 2e-2
 
     with sdpa_kernel([SDPBackend.MATH]):
         other_kernel = run_mugen(build_models(), torch.bfloat16)

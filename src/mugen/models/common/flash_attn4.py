@@ -128,15 +128,10 @@ def _(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, keys_used: Tensor |
 BACKWARD_HEAD_DIMS = (64, 96, 128)  # head dims whose unpatched Hopper backward matched fp32 math on an H100
 
 
-def backward_head_dim(head_dim: int, keys_used: bool = False) -> int:
-    """The head dim the backward runs at: ``head_dim`` itself when it is verified, or when the dq layout is
-    aligned (``align_hopper_backward_dq``) and every key is used; else the next verified one.
-
-    With ``keys_used`` (FlashAttention's ``seqused_k``: the cross-attention's padded text) the kernel stores dk
-    and dv through ragged TMA tensors, and the aligned tiling broke that store on an H100 (dk, dv relative error
-    1.3 and 1.2, padded keys' gradients not zero; dq right): such calls keep the padding.
-    """
-    if _BACKWARD_DQ_ALIGNED and not keys_used:
+def backward_head_dim(head_dim: int) -> int:
+    """The head dim the backward runs at: ``head_dim`` itself when the dq layout is aligned
+    (``align_hopper_backward_dq``) or the head dim verified, else the next verified one."""
+    if _BACKWARD_DQ_ALIGNED:
         return head_dim
     for verified in BACKWARD_HEAD_DIMS:
         if head_dim <= verified:
@@ -161,7 +156,7 @@ def _backward(
     # gets right, and the padding is cut off the gradients.
     interface = _interface()  # first, so that backward_head_dim knows whether the layout is aligned
     head_dim = q.shape[-1]
-    padded = backward_head_dim(head_dim, keys_used=keys_used is not None)
+    padded = backward_head_dim(head_dim)
     inputs = (q, k, v)
     if padded != head_dim:
         q, k, v, out, grad_out = (_pad_last(t, padded) for t in (q, k, v, out, grad_out))

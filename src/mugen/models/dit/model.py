@@ -104,9 +104,12 @@ class SelfAttention(nn.Module):
         else:
             q, k, v = qkv.unbind(2)  # each (B, N, heads, hd)
             q, k = self.q_norm(q), self.k_norm(k)
-            q, k, v = (tensor.transpose(1, 2) for tensor in (q, k, v))  # (B, heads, N, hd)
-            q = apply_rope(q, rope)
-            k = apply_rope(k, rope)
+            # RoPE in this token-major layout (rotations viewed (B, N, 1, hd/2)): the norm, the rotation and the
+            # bf16 cast read and write in one order, which torch.compile fuses into a coalesced kernel; attention
+            # takes heads-first views of the token-major tensors (the layout the fused kernel writes too).
+            rope_token_major = rope.transpose(1, 2)
+            q, k = apply_rope(q, rope_token_major), apply_rope(k, rope_token_major)
+            q, k, v = (tensor.transpose(1, 2) for tensor in (q, k, v))  # (B, heads, N, hd) views
         out = self.attention_op(q, k, v)  # (B, heads, N, hd)
         out = out.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim)
         return self.proj(out) if proj_bias else F.linear(out, self.proj.weight)

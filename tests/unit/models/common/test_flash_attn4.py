@@ -252,7 +252,6 @@ def test_a_fixed_library_is_left_alone_and_the_persistent_cache_keeps_the_paddin
 def test_the_backward_pads_the_head_dim_only_while_the_dq_layout_is_unaligned(stand_in, monkeypatch, aligned, kernel_head_dim):
     monkeypatch.setattr(flash_attn4, "_BACKWARD_DQ_ALIGNED", aligned)
     assert flash_attn4.backward_head_dim(72) == kernel_head_dim
-    assert flash_attn4.backward_head_dim(72, keys_used=True) == 96  # the ragged dk/dv store keeps the padding
     seen = []
     kernel = stand_in._flash_attn_bwd
 
@@ -270,14 +269,15 @@ def test_the_backward_pads_the_head_dim_only_while_the_dq_layout_is_unaligned(st
     assert seen == [kernel_head_dim]
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    # padded text keys (seqused_k) always run the backward padded, aligned or not
+    # padded text keys (seqused_k): the same head dim, and the padded keys' gradients zero
     mask = torch.arange(11)[None, :] < torch.tensor([[11], [5]])  # (B, L)
     out = flash_attn4.fa4_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), key_padding_mask=mask)
     grads = torch.autograd.grad(out.transpose(1, 2), (q, k, v), grad)
     expected = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :]), (q, k, v), grad)
-    assert seen == [kernel_head_dim, 96]
+    assert seen == [kernel_head_dim, kernel_head_dim]
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert torch.all(grads[1].transpose(1, 2)[~mask] == 0) and torch.all(grads[2].transpose(1, 2)[~mask] == 0)
     # the op's outputs keep the strides its fake promises (those of torch.empty_like of each input)
     q_t, k_t, v_t = (t.detach().transpose(1, 2) for t in (q, k, v))
     out_t, lse = flash_attn4._forward(q_t, k_t, v_t, 72**-0.5, None)
