@@ -72,15 +72,15 @@ def align_hopper_backward_dq(interface: ModuleType) -> bool:
     this change, so a kernel compiled without it could be loaded from disk.
     """
     original = getattr(interface, "FlashAttentionBackwardSm90", None)
-    if original is None or os.environ.get(_PERSISTENT_CACHE_VARIABLE, "0") == "1":
+    if original is None:
         return False
     if getattr(original, "mugen_aligned_dq", False):
         return True
     probe = original(interface.cutlass.BFloat16, 72, 72)
     if probe.tile_hdim == _round_up(72, 32):  # a release that already agrees
         return True
-    if probe.tile_hdim != _round_up(72, 16):  # a layout this fix was not written for
-        return False
+    if probe.tile_hdim != _round_up(72, 16) or os.environ.get(_PERSISTENT_CACHE_VARIABLE, "0") == "1":
+        return False  # a layout this fix was not written for, or kernels on disk compiled without it
 
     class AlignedDQBackwardSm90(original):
         mugen_aligned_dq = True

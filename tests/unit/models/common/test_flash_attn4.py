@@ -243,6 +243,7 @@ def test_a_fixed_library_is_left_alone_and_the_persistent_cache_keeps_the_paddin
     assert not flash_attn4.align_hopper_backward_dq(types.ModuleType("no_hopper_backward"))
     # flash-attn's on-disk kernel cache is keyed without this change: a kernel compiled without it could be loaded
     monkeypatch.setenv(flash_attn4._PERSISTENT_CACHE_VARIABLE, "1")
+    assert flash_attn4.align_hopper_backward_dq(fixed)  # nothing to change in a fixed library, cache or not
     buggy = _interface_with_hopper_backward(16)
     original = buggy.FlashAttentionBackwardSm90
     assert not flash_attn4.align_hopper_backward_dq(buggy) and buggy.FlashAttentionBackwardSm90 is original
