@@ -44,7 +44,7 @@ def curriculum_config(manifests: dict) -> dict:
         # with more --steps has the schedule of the uninterrupted run; 2 micro-batches per step; 5 batches
         # per epoch (the sampler's epoch turns mid-run and at the resume point)
         "train": {"lr": 1e-3, "log_every": 1, "checkpoint_every": 0, "prefetch": 0, "grad_clip": 0.5, "decay": "constant", "grad_accum": 2},
-        "model": {"depth": 1},
+        "model": {"depth": 2},  # two blocks: one per pipeline stage on pp=2
         "curriculum": {
             "validation_manifest": manifests["held_out"],
             "validation_every": 2,
@@ -160,12 +160,30 @@ def test_curriculum_with_ema_resumes_on_another_layout(problem):
     assert json.loads((output / "ema" / "model_config.json").read_text())["ema"] == {"decay": 0.8, "updates": STEPS}
 
 
-def test_curriculum_on_pipeline_stages_is_refused(problem, monkeypatch, capsys):
-    """pp > 1 is refused before any process group or model is made (a job of 2 as WORLD_SIZE says)."""
-    monkeypatch.setenv("WORLD_SIZE", "2")
+PIPELINE = "pp=2,pp_microbatches=2"  # one block per stage; each batch of 2 runs as 2 pipeline micro-batches of 1
+
+
+def test_curriculum_on_pipeline_stages_gives_single_process_losses_and_transitions(problem):
+    """pp=2: the steps and the held-out losses run through the stages (stage 3's first-frame masks too)."""
     output = problem["root"] / "pipeline"
-    assert main(train_command(problem["config"], output, 1, "--parallel", "pp=2")) == 2
-    error = capsys.readouterr().err.strip()
-    assert "curriculum runs on pipeline stages (--parallel pp=2) are not available yet" in error
-    assert len(error.splitlines()) == 1
-    assert not (output / "checkpoints").exists()
+    argv = train_command(problem["config"], output, STEPS, "--parallel", PIPELINE)
+    assert run_distributed(train_on_rank, 2, args=(argv,)) == [0, 0]
+    assert_same_run(output, problem["reference"])
+    assert logged(output, "samples") == [BATCH * 2] * STEPS  # one data-parallel group: the whole batch
+    assert (output / "checkpoints" / f"step_{STEPS:08d}" / ".metadata").is_file()
+    saved = json.loads((output / "curriculum.json").read_text())["schedule"]
+    assert (saved["stage_index"], saved["total_steps"]) == (2, STEPS)
+
+
+@pytest.mark.parametrize("first_layout, second_layout", [(PIPELINE, "dp_shard=2"), ("dp_shard=2", PIPELINE)])
+def test_curriculum_resumes_between_pipeline_stages_and_data_parallel(problem, first_layout, second_layout):
+    """Stopped after step 3 (mid stage 2, one plateau report) on one layout, resumed on the other."""
+    output = problem["root"] / f"resumed_{first_layout.split(',')[0].replace('=', '')}"
+    first = train_command(problem["config"], output, 3, "--parallel", first_layout)
+    assert run_distributed(train_on_rank, 2, args=(first,)) == [0, 0]
+    assert logged(output, "loss") == pytest.approx(problem["losses"][:3], rel=LOSS_RTOL)
+    saved = json.loads((output / "curriculum.json").read_text())["schedule"]
+    assert (saved["stage_index"], saved["step_in_stage"], saved["reports_without_improvement"]) == (1, 1, 0)
+    second = train_command(problem["config"], output, STEPS, "--parallel", second_layout)
+    assert run_distributed(train_on_rank, 2, args=(second,)) == [0, 0]
+    assert_same_run(output, problem["reference"])

@@ -473,6 +473,12 @@ class ParallelRun:
         """``WeightAverages(*args, **kwargs)`` for the parallelized model (sharded, gathered on export)."""
         return ShardedWeightAverages(*args, **kwargs)
 
+    def validation_loss(self, model: nn.Module, samples: list[dict], **options) -> float:
+        """``flow_validation_loss(model, samples, **options)`` of the parallelized model (every rank calls it)."""
+        from mugen.train.validation import flow_validation_loss
+
+        return flow_validation_loss(model, samples, **options)
+
     def strategy(self) -> DistributedStrategy:
         return DistributedStrategy(self.mesh, self.layout)
 
