@@ -37,7 +37,14 @@ transitions), takes its data-parallel rows of every batch (``DataParallelShare``
 the whole validation loss; rank 0's value is broadcast so every rank makes the same plateau
 decision. The curriculum state (a small JSON dict) is saved in the sharded checkpoint's training
 state, so the run resumes on any dp_shard/tp/cp layout. Only rank 0 writes ``curriculum.json``,
-``curriculum.png`` and the logs. Pipeline stages (pp > 1) are refused.
+``curriculum.png`` and the logs.
+
+On pipeline stages (pp > 1, alone or with dp_shard/tp inside the stages; ``pipeline_run.py``) the
+same holds; the task's ``draw_inputs`` gives ``PipelineShare`` each step's inputs under the
+stage's first-frame masking and ``step_metrics`` its logged stage values, and the validation loss
+runs the same held-out rows forward through the stages (``pipeline_run.pipeline_validation_loss``),
+so the plateau decisions are the single-process run's. The checkpoint resumes with or without
+stages.
 """
 
 from __future__ import annotations
