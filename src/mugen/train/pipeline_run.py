@@ -37,11 +37,18 @@ each stage is sharded with FSDP2 over the ranks that hold the same stage. What c
   ``pp_microbatches`` with zero-weight copies of its first row, the real rows' weights raised so the
   schedule's mean is theirs: the pipeline micro-batches of a share hold equal rows of one shape.
   The gradient is the single-process run's (padding adds exact zeros).
+* Curricula (``curriculum_run.py``, seed §4.2.2): the curriculum task's ``draw_inputs`` applies the
+  stage's first-frame masking and ``PipelineShare`` logs its ``step_metrics``; the held-out loss of
+  the plateau decisions runs forward through the stages (``pipeline_validation_loss``: the rows of
+  ``flow_validation_loss``, padded to the pipeline micro-batches); the curriculum's JSON state rides
+  in the checkpoint's training state (only the EMAs are saved as shards).
 
 Tested against the single-process run (tests/distributed/test_distributed_train_pipeline.py,
 test_distributed_train_pipeline_averages.py): pp=2, pp=2 x dp_shard=2 and pp=2 x tp=2, resumed on
 pp=2, dp_shard=2 and tp=2; --balanced on pp=2 (resumed on dp_shard=2) and pp=2 x dp_shard=2; EMA and
-snapshots on pp=2 and pp=2 x dp_shard=2, resumed on pp=2 (bitwise) and dp_shard=2. Refused: the
+snapshots on pp=2 and pp=2 x dp_shard=2, resumed on pp=2 (bitwise) and dp_shard=2; curricula
+(test_distributed_train_curriculum.py) on pp=2 and pp=2 x dp_shard=2, resumed from pp=2 on dp_shard=2 (with
+and without EMA) and from dp_shard=2 on pp=2. Refused: the
 interleaved schedule (one stage per rank here), 1F1B with fewer micro-batches than stages, and
 (without --balanced) micro-batch counts that do not divide every data-parallel share of a batch.
 """
