@@ -12,7 +12,13 @@ step 3 (mid stage 2: the plateau tracking has one report) on dp_shard=2 and resu
 continue with the uninterrupted run's losses and stages; with --ema-decay as well (the EMA saved as
 shards beside the weights, the curriculum state in the same checkpoint's training state), the
 exported EMA is the single-process run's within fp32 reduction-order noise (atol 2e-5, rtol 1e-4,
-as in test_distributed_train_averages.py). Pipeline stages are refused.
+as in test_distributed_train_averages.py).
+
+On pipeline stages (the model has two blocks: one per stage) pp=2 (2 pipeline micro-batches of one
+sample) and pp=2 x dp_shard=2 (GPipe, one sample per share) log the same losses, stages, validation
+losses and plateau decisions (the held-out loss runs through the stages); a run stopped after step 3
+on pp=2 resumes on dp_shard=2 and the reverse, and with --ema-decay a pp=2 run resumed on dp_shard=2
+exports the single-process EMA (same tolerances).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ BATCH = 2
 LOSS_RTOL = 1e-5
 EMA_ATOL, EMA_RTOL = 2e-5, 1e-4  # fp32: FSDP/TP sum in another order than one process
 STAGES_OF_STEPS = [0, 0, 1, 1, 2, 2]  # stage 1 ends at its max_steps (2), stage 2 on the plateau found after step 4
+PIPELINE = "pp=2,pp_microbatches=2"  # one block per stage; each batch of 2 runs as 2 pipeline micro-batches of 1
 
 
 def curriculum_config(manifests: dict) -> dict:
@@ -44,7 +51,7 @@ def curriculum_config(manifests: dict) -> dict:
         # with more --steps has the schedule of the uninterrupted run; 2 micro-batches per step; 5 batches
         # per epoch (the sampler's epoch turns mid-run and at the resume point)
         "train": {"lr": 1e-3, "log_every": 1, "checkpoint_every": 0, "prefetch": 0, "grad_clip": 0.5, "decay": "constant", "grad_accum": 2},
-        "model": {"depth": 1},
+        "model": {"depth": 2},  # two blocks: one per pipeline stage on pp=2
         "curriculum": {
             "validation_manifest": manifests["held_out"],
             "validation_every": 2,
@@ -142,15 +149,20 @@ def test_curriculum_stopped_mid_stage_resumes_on_another_layout(problem):
     assert_same_run(output, problem["reference"])
 
 
-def test_curriculum_with_ema_resumes_on_another_layout(problem):
-    """--ema-decay: EMA shards and the curriculum state share the checkpoint; stopped on dp_shard=2, resumed on tp=2."""
+@pytest.mark.parametrize("first_layout, second_layout", [("dp_shard=2", "tp=2"), (PIPELINE, "dp_shard=2")])
+def test_curriculum_with_ema_resumes_on_another_layout(problem, first_layout, second_layout):
+    """--ema-decay: EMA shards and the curriculum state share the checkpoint; stopped on one layout, resumed on another.
+
+    On pp=2 each stage's EMA shards are saved with the stage (``PipelineWeightAverages``).
+    """
     ema = ("--ema-decay", "0.8")
     reference = problem["root"] / "single_ema"
-    assert main(train_command(problem["config"], reference, STEPS, *ema)) == 0
-    output = problem["root"] / "resumed_ema"
-    first = train_command(problem["config"], output, 3, *ema, "--parallel", "dp_shard=2")
+    if not (reference / "ema" / "model.safetensors").is_file():  # one reference for both layouts
+        assert main(train_command(problem["config"], reference, STEPS, *ema)) == 0
+    output = problem["root"] / f"resumed_ema_{first_layout.split(',')[0].replace('=', '')}"
+    first = train_command(problem["config"], output, 3, *ema, "--parallel", first_layout)
     assert run_distributed(train_on_rank, 2, args=(first,)) == [0, 0]
-    second = train_command(problem["config"], output, STEPS, *ema, "--parallel", "tp=2")
+    second = train_command(problem["config"], output, STEPS, *ema, "--parallel", second_layout)
     assert run_distributed(train_on_rank, 2, args=(second,)) == [0, 0]
     assert_same_run(output, reference)
     mine, theirs = load_file(output / "ema" / "model.safetensors"), load_file(reference / "ema" / "model.safetensors")
@@ -160,12 +172,31 @@ def test_curriculum_with_ema_resumes_on_another_layout(problem):
     assert json.loads((output / "ema" / "model_config.json").read_text())["ema"] == {"decay": 0.8, "updates": STEPS}
 
 
-def test_curriculum_on_pipeline_stages_is_refused(problem, monkeypatch, capsys):
-    """pp > 1 is refused before any process group or model is made (a job of 2 as WORLD_SIZE says)."""
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    output = problem["root"] / "pipeline"
-    assert main(train_command(problem["config"], output, 1, "--parallel", "pp=2")) == 2
-    error = capsys.readouterr().err.strip()
-    assert "curriculum runs on pipeline stages (--parallel pp=2) are not available yet" in error
-    assert len(error.splitlines()) == 1
-    assert not (output / "checkpoints").exists()
+@pytest.mark.parametrize(
+    "layout, world_size, rank0_samples",
+    [(PIPELINE, 2, BATCH), ("pp=2,dp_shard=2,pp_schedule=GPipe", 4, 1)],  # x dp_shard: shares of 1, one pipeline micro-batch
+)
+def test_curriculum_on_pipeline_stages_gives_single_process_losses_and_transitions(problem, layout, world_size, rank0_samples):
+    """The steps and the held-out losses run through the stages (stage 3's first-frame masks too)."""
+    output = problem["root"] / f"pipeline_{world_size}"
+    argv = train_command(problem["config"], output, STEPS, "--parallel", layout)
+    assert run_distributed(train_on_rank, world_size, args=(argv,)) == [0] * world_size
+    assert_same_run(output, problem["reference"])
+    assert logged(output, "samples") == [rank0_samples * 2] * STEPS  # rank 0's data-parallel share of 2 micro-batches
+    assert (output / "checkpoints" / f"step_{STEPS:08d}" / ".metadata").is_file()
+    saved = json.loads((output / "curriculum.json").read_text())["schedule"]
+    assert (saved["stage_index"], saved["total_steps"]) == (2, STEPS)
+
+
+@pytest.mark.parametrize("first_layout, second_layout", [(PIPELINE, "dp_shard=2"), ("dp_shard=2", PIPELINE)])
+def test_curriculum_resumes_between_pipeline_stages_and_data_parallel(problem, first_layout, second_layout):
+    """Stopped after step 3 (mid stage 2, one plateau report) on one layout, resumed on the other."""
+    output = problem["root"] / f"resumed_{first_layout.split(',')[0].replace('=', '')}"
+    first = train_command(problem["config"], output, 3, "--parallel", first_layout)
+    assert run_distributed(train_on_rank, 2, args=(first,)) == [0, 0]
+    assert logged(output, "loss") == pytest.approx(problem["losses"][:3], rel=LOSS_RTOL)
+    saved = json.loads((output / "curriculum.json").read_text())["schedule"]
+    assert (saved["stage_index"], saved["step_in_stage"], saved["reports_without_improvement"]) == (1, 1, 0)
+    second = train_command(problem["config"], output, STEPS, "--parallel", second_layout)
+    assert run_distributed(train_on_rank, 2, args=(second,)) == [0, 0]
+    assert_same_run(output, problem["reference"])

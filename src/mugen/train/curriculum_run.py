@@ -37,7 +37,14 @@ transitions), takes its data-parallel rows of every batch (``DataParallelShare``
 the whole validation loss; rank 0's value is broadcast so every rank makes the same plateau
 decision. The curriculum state (a small JSON dict) is saved in the sharded checkpoint's training
 state, so the run resumes on any dp_shard/tp/cp layout. Only rank 0 writes ``curriculum.json``,
-``curriculum.png`` and the logs. Pipeline stages (pp > 1) are refused.
+``curriculum.png`` and the logs.
+
+On pipeline stages (pp > 1, alone or with dp_shard/tp inside the stages; ``pipeline_run.py``) the
+same holds; the task's ``draw_inputs`` gives ``PipelineShare`` each step's inputs under the
+stage's first-frame masking and ``step_metrics`` its logged stage values, and the validation loss
+runs the same held-out rows forward through the stages (``pipeline_run.pipeline_validation_loss``),
+so the plateau decisions are the single-process run's. The checkpoint resumes with or without
+stages.
 """
 
 from __future__ import annotations
@@ -253,14 +260,24 @@ class CurriculumDiTTask:
         """``rows``: this data-parallel rank's samples of the batch (``DataParallelShare``); None = all."""
         self.flow_task.config.first_frame_cond_prob = self.schedule.first_frame_cond_prob()
         output = self.flow_task.compute_loss(model, batch, generator, **({} if rows is None else {"rows": rows}))
-        kinds = batch.get("kinds") or []
-        output.metrics.update(
-            curriculum_stage=float(self.schedule.stage_index),
-            image_ratio=self.schedule.image_ratio(),
-            image_share=sum(kind == "image" for kind in kinds) / max(1, len(kinds)),
-            first_frame_cond_prob=self.schedule.first_frame_cond_prob(),
-        )
+        output.metrics.update(self.step_metrics(batch))
         return output
+
+    def draw_inputs(self, batch: dict, generator: torch.Generator, default_fps: float | None, rows: slice | None = None):
+        """The flow task's inputs under the current stage's first-frame masking (pipeline stages:
+        ``pipeline_run.PipelineShare`` draws them, then adds ``step_metrics``)."""
+        self.flow_task.config.first_frame_cond_prob = self.schedule.first_frame_cond_prob()
+        return self.flow_task.draw_inputs(batch, generator, default_fps, rows)
+
+    def step_metrics(self, batch: dict) -> dict[str, float]:
+        """The stage, image ratio, image share and first-frame masking of this micro-batch's step."""
+        kinds = batch.get("kinds") or []
+        return {
+            "curriculum_stage": float(self.schedule.stage_index),
+            "image_ratio": self.schedule.image_ratio(),
+            "image_share": sum(kind == "image" for kind in kinds) / max(1, len(kinds)),
+            "first_frame_cond_prob": self.schedule.first_frame_cond_prob(),
+        }
 
 
 def padded_validation_groups(samples: list[dict]) -> list[list[dict]]:
@@ -294,8 +311,14 @@ class CurriculumProgress:
         output_dir,
         is_main: bool = True,
         distributed: bool = False,
+        validation_loss_fn=None,
     ):
-        """``is_main``: this process writes ``curriculum.json``; ``distributed``: every rank takes rank 0's validation loss."""
+        """``is_main``: this process writes ``curriculum.json``; ``distributed``: every rank takes rank 0's validation loss.
+
+        ``validation_loss_fn(model, samples, **options)``: computes one group's held-out loss as
+        ``mugen.train.validation.flow_validation_loss`` does (the default); a pipeline run passes
+        ``PipelineRun.validation_loss``, which runs the same rows through its stages.
+        """
         self.schedule = schedule
         self.sampler = sampler
         self.run = run
@@ -303,6 +326,7 @@ class CurriculumProgress:
         self.output_dir = Path(output_dir)
         self.is_main = is_main
         self.distributed = distributed
+        self.validation_loss_fn = validation_loss_fn
         self.validation_log: list[dict] = []
         self.groups: list[list[dict]] = []
         if run.validation_every:
@@ -316,9 +340,10 @@ class CurriculumProgress:
     def validation_loss(self, model: nn.Module) -> float:
         from mugen.train.validation import flow_validation_loss
 
+        compute = self.validation_loss_fn or flow_validation_loss
         total, count = 0.0, 0
         for group in self.groups:
-            loss = flow_validation_loss(
+            loss = compute(
                 model,
                 group,
                 num_levels=self.run.validation_levels,
@@ -397,7 +422,7 @@ def train_dit_curriculum(spec, curriculum: dict | CurriculumRunConfig, resume: b
     dataset = MultiManifestDataset(manifests, cache_in_memory=spec.cache_in_memory)
     config, null_text, run_record = dit_run_setup(spec, dataset[0], manifests[0])
     run_record["curriculum"] = {**run.curriculum.to_dict(), **{k: v for k, v in dataclasses.asdict(run).items() if k != "curriculum"}}
-    parallel = parallel_run_for(spec, without_pipeline="curriculum runs")  # None: one process
+    parallel = parallel_run_for(spec)  # None: one process
     is_main = parallel is None or parallel.is_main
     if is_main:
         write_run_config(spec.output_dir, run_record)
@@ -420,7 +445,10 @@ def train_dit_curriculum(spec, curriculum: dict | CurriculumRunConfig, resume: b
         batches_per_epoch=run.batches_per_epoch, image_batch_size=spec.image_batch_size,
     )
     task_config = dataclasses.replace(spec.task)  # the task's first-frame probability follows the stage
-    progress = CurriculumProgress(schedule, sampler, run, task_config, spec.output_dir, is_main=is_main, distributed=parallel is not None)
+    progress = CurriculumProgress(
+        schedule, sampler, run, task_config, spec.output_dir, is_main=is_main, distributed=parallel is not None,
+        validation_loss_fn=None if parallel is None else parallel.validation_loss,
+    )
     averages_class = WeightAverages if parallel is None else parallel.weight_averages
     averages = averages_class(spec.output_dir, run_record, spec.ema_decay, spec.snapshot_every, spec.power_ema_sigma_rels)
 

@@ -473,6 +473,12 @@ class ParallelRun:
         """``WeightAverages(*args, **kwargs)`` for the parallelized model (sharded, gathered on export)."""
         return ShardedWeightAverages(*args, **kwargs)
 
+    def validation_loss(self, model: nn.Module, samples: list[dict], **options) -> float:
+        """``flow_validation_loss(model, samples, **options)`` of the parallelized model (every rank calls it)."""
+        from mugen.train.validation import flow_validation_loss
+
+        return flow_validation_loss(model, samples, **options)
+
     def strategy(self) -> DistributedStrategy:
         return DistributedStrategy(self.mesh, self.layout)
 
@@ -497,8 +503,9 @@ class ParallelRun:
 def parallel_run_for(spec, without_pipeline: str | None = None) -> ParallelRun | None:
     """The ParallelRun of a `train_dit` spec, or None for the single-process run; checks unsupported options.
 
-    ``without_pipeline``: what the caller runs when it cannot run on pipeline stages (e.g.
-    ``"curriculum runs"``); a layout with pp > 1 is then refused before any process group is made.
+    ``without_pipeline``: for a caller that cannot run on pipeline stages, what it runs (a plural
+    noun, e.g. ``"these runs"``); a layout with pp > 1 is then refused before any process group is
+    made. No caller passes it at present (curriculum runs use stages: ``PipelineRun``).
     """
     autocast = spec.train.mixed_precision == "bf16" or (spec.train.mixed_precision == "auto" and str(spec.device).startswith("cuda"))
     config = parallel_config(spec.parallel, job_world_size(), autocast)

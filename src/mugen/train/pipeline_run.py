@@ -37,11 +37,18 @@ each stage is sharded with FSDP2 over the ranks that hold the same stage. What c
   ``pp_microbatches`` with zero-weight copies of its first row, the real rows' weights raised so the
   schedule's mean is theirs: the pipeline micro-batches of a share hold equal rows of one shape.
   The gradient is the single-process run's (padding adds exact zeros).
+* Curricula (``curriculum_run.py``, seed §4.2.2): the curriculum task's ``draw_inputs`` applies the
+  stage's first-frame masking and ``PipelineShare`` logs its ``step_metrics``; the held-out loss of
+  the plateau decisions runs forward through the stages (``pipeline_validation_loss``: the rows of
+  ``flow_validation_loss``, padded to the pipeline micro-batches); the curriculum's JSON state rides
+  in the checkpoint's training state (only the EMAs are saved as shards).
 
 Tested against the single-process run (tests/distributed/test_distributed_train_pipeline.py,
 test_distributed_train_pipeline_averages.py): pp=2, pp=2 x dp_shard=2 and pp=2 x tp=2, resumed on
 pp=2, dp_shard=2 and tp=2; --balanced on pp=2 (resumed on dp_shard=2) and pp=2 x dp_shard=2; EMA and
-snapshots on pp=2 and pp=2 x dp_shard=2, resumed on pp=2 (bitwise) and dp_shard=2. Refused: the
+snapshots on pp=2 and pp=2 x dp_shard=2, resumed on pp=2 (bitwise) and dp_shard=2; curricula
+(test_distributed_train_curriculum.py) on pp=2 and pp=2 x dp_shard=2, resumed from pp=2 on dp_shard=2 (with
+and without EMA) and from dp_shard=2 on pp=2. Refused: the
 interleaved schedule (one stage per rank here), 1F1B with fewer micro-batches than stages, and
 (without --balanced) micro-batch counts that do not divide every data-parallel share of a batch.
 """
@@ -196,10 +203,89 @@ class PipelineShare:
         weighted = per_sample * inputs.weights.to(per_sample)
         anchor = torch.zeros((), device=per_sample.device, requires_grad=True)
         loss = _ScheduledGradients.apply(anchor, weighted.mean() * scale, add_gradients)
+        step_metrics = getattr(self.task, "step_metrics", None)  # e.g. a curriculum's stage and image ratio
+        if step_metrics is not None:
+            metrics.update(step_metrics(batch))
         return LossOutput(
             loss=loss, per_sample=weighted[:mine], timesteps=inputs.t.detach()[:mine],
             metrics={"text_dropped": inputs.text_dropped, **metrics},
         )
+
+
+@torch.no_grad()
+def pipeline_validation_loss(
+    pipe,
+    samples: list[dict],
+    *,
+    num_levels: int = 8,
+    seed: int = 0,
+    spatial_factor: int = 8,
+    shift_base_resolution: int = 512 * 512,
+    batch_size: int = 32,
+) -> float:
+    """``mugen.train.validation.flow_validation_loss`` computed through the pipeline stages (a collective).
+
+    The same rows (every held-out sample at the same ``num_levels`` fixed noise levels, the same
+    noise), ``batch_size`` rows at a time, each chunk run forward only through the stages
+    (``schedule.eval``; a chunk is padded to a multiple of the pipeline micro-batches by repeating
+    its first row, whose losses are dropped). Every rank of the job calls it with the same samples
+    (the data-parallel groups compute the same value) and gets the mean loss. Used by curriculum runs
+    on pipeline stages for their plateau decisions (seed §4.2.2).
+    """
+    from mugen.flow.objective import sample_flow_path
+    from mugen.flow.timesteps import resolution_shift_ratio
+    from mugen.train.validation import _noise, validation_timesteps
+
+    if not samples:
+        raise MugenError("validation: no held-out samples; give at least one")
+    shapes = {tuple(item["latents"].shape) for item in samples}
+    text_shapes = {tuple(item["text_states"].shape) for item in samples}
+    if len(shapes) > 1 or len(text_shapes) > 1:
+        raise MugenError(
+            f"validation: samples mix latent shapes {sorted(shapes)} or text shapes {sorted(text_shapes)}; "
+            "validate one shape bucket at a time (pad captions to one length)"
+        )
+    device = pipe.device
+    config = pipe.stages[0].config
+    channels, frames, height, width = shapes.pop()
+    ratio = resolution_shift_ratio(height * spatial_factor, width * spatial_factor, frames, shift_base_resolution)
+    levels = validation_timesteps(num_levels, ratio)  # (K,)
+    holds_first = 0 in pipe.stage_indices
+    holds_last = pipe.num_stages - 1 in pipe.stage_indices
+    was_training = [stage.training for stage in pipe.stages]
+    for stage in pipe.stages:
+        stage.eval()
+    total, count = 0.0, 0
+    try:
+        rows = [(index, level) for index in range(len(samples)) for level in range(num_levels)]
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            padded = -(-len(chunk) // pipe.n_microbatches) * pipe.n_microbatches
+            run = chunk + [chunk[0]] * (padded - len(chunk))  # the repeated rows' losses are dropped below
+            x0 = torch.stack([samples[i]["latents"] for i, _ in run]).to(device).float()  # (B, C, T, h, w)
+            inputs = {
+                "x0": x0,
+                "t": levels[[k for _, k in run]].to(device),  # (B,)
+                "noise": torch.stack([_noise(seed, i, k, x0.shape[1:]) for i, k in run]).to(device),  # (B, C, T, h, w)
+                "text_states": torch.stack([samples[i]["text_states"] for i, _ in run]).to(device).float(),  # (B, L, D)
+                "text_mask": torch.stack([samples[i]["text_mask"] for i, _ in run]).to(device).bool(),  # (B, L)
+                "fps": torch.tensor([float(samples[i].get("fps", 0.0) or config.default_fps) for i, _ in run], device=device),
+            }
+            key = (("eval", ()),) + tuple((name, tuple(value.shape)) for name, value in inputs.items())
+            schedule = pipe._schedule_for(key)  # forward only: a schedule of its own
+            args = (sample_flow_path(x0, inputs["t"], inputs["noise"], None).x_t,) if holds_first else ()
+            weights = torch.ones(padded, device=device)
+            per_sample = schedule.eval(*args, target=weights if holds_last else None, **inputs)
+            if not holds_last:
+                per_sample = torch.empty(padded, device=device)
+            per_sample = per_sample.detach().float().contiguous()  # (B,) unweighted
+            dist.broadcast(per_sample, src=pipe.last_stage_rank, group=pipe.group)
+            total += float(per_sample[: len(chunk)].double().sum())
+            count += len(chunk)
+    finally:
+        for stage, training in zip(pipe.stages, was_training):
+            stage.train(training)
+    return total / count
 
 
 class PipelineCheckpointer(DistributedCheckpointer):
@@ -309,7 +395,7 @@ class PipelineStrategy(DistributedStrategy):
     def checkpointer(self, trainer: Trainer):
         """The stage's sharded checkpointer; with the Trainer's ``extra_state`` (weight averages) those too."""
         if self._checkpointer is None:
-            averages = trainer.extra_state() if trainer.extra_state is not None else {}
+            averages = self.sharded_extra_state(trainer)  # the EMAs; JSON states (a curriculum's) ride in the training state
             common = dict(
                 layout=self.layout, keep_checkpoints=trainer.config.keep_checkpoints, parameter_names=self.parameter_names
             )
@@ -396,6 +482,10 @@ class PipelineRun(ParallelRun):
         with torch.device("meta"):
             naming_model = MUGDiT(self.model_config)  # names only: no memory
         return PipelineWeightAverages(*args, naming_model=naming_model, **kwargs)
+
+    def validation_loss(self, model: nn.Module, samples: list[dict], **options) -> float:
+        """The held-out loss of ``flow_validation_loss(model, samples, **options)``, through the stages (a collective)."""
+        return pipeline_validation_loss(self.pipe, samples, **options)
 
     def strategy(self) -> PipelineStrategy:
         return PipelineStrategy(self.mesh, self.layout, self.pipe, self.parameter_names)
