@@ -50,8 +50,12 @@ Curricula (``train_dit_curriculum``, seed §4.2.2) run on dp_shard/tp/cp layouts
 schedule and sampler (the same global batches and stage transitions), takes its rows of each batch, and uses
 rank 0's validation loss for plateau decisions; the curriculum state (stage, plateau tracking, sampler
 position) is saved as JSON in the sharded checkpoint's training state, so a run resumes exactly on any
-layout, and only rank 0 writes ``curriculum.json`` / ``curriculum.png``. Not wired yet: curricula on
-pipeline stages (a MugenError). Every rank reads the whole global batch (simple and deterministic;
+layout, and only rank 0 writes ``curriculum.json`` / ``curriculum.png``. On pipeline stages (pp, alone or with
+dp_shard/tp inside the stages) the curriculum task's ``draw_inputs`` gives ``PipelineShare`` each step's inputs
+under the stage's first-frame masking, the held-out loss runs forward through the stages
+(``pipeline_run.pipeline_validation_loss``, the rows of ``flow_validation_loss``), and the curriculum state rides
+in the stage checkpoints' training state, so a run resumes with or without stages (tested: pp, pp x dp_shard,
+resumed from pp on dp_shard and the reverse, with EMA from pp on dp_shard). Every rank reads the whole global batch (simple and deterministic;
 the data-loading cost is repeated per rank), and the per-timestep loss bins and ``samples`` in the
 logs are rank 0's share.
 """
@@ -500,13 +504,8 @@ class ParallelRun:
             dist.destroy_process_group()
 
 
-def parallel_run_for(spec, without_pipeline: str | None = None) -> ParallelRun | None:
-    """The ParallelRun of a `train_dit` spec, or None for the single-process run; checks unsupported options.
-
-    ``without_pipeline``: for a caller that cannot run on pipeline stages, what it runs (a plural
-    noun, e.g. ``"these runs"``); a layout with pp > 1 is then refused before any process group is
-    made. No caller passes it at present (curriculum runs use stages: ``PipelineRun``).
-    """
+def parallel_run_for(spec) -> ParallelRun | None:
+    """The ParallelRun of a `train_dit` spec, or None for the single-process run; checks unsupported options."""
     autocast = spec.train.mixed_precision == "bf16" or (spec.train.mixed_precision == "auto" and str(spec.device).startswith("cuda"))
     config = parallel_config(spec.parallel, job_world_size(), autocast)
     if config is None:
@@ -518,11 +517,6 @@ def parallel_run_for(spec, without_pipeline: str | None = None) -> ParallelRun |
         raise MugenError(
             f"batch size {smallest} is smaller than the {config.data_parallel_size} data-parallel ranks of --parallel; "
             "each rank needs at least one sample of every micro-batch: raise --batch-size/--image-batch-size"
-        )
-    if config.pp > 1 and without_pipeline:
-        raise MugenError(
-            f"{without_pipeline} on pipeline stages (--parallel pp={config.pp}) are not available yet; "
-            "lay them out without pp (dp_shard/tp/cp)"
         )
     if config.pp > 1:  # pipeline stages: train/pipeline_run.py
         from mugen.train.pipeline_run import PipelineRun

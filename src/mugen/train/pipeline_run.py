@@ -233,23 +233,13 @@ def pipeline_validation_loss(
     on pipeline stages for their plateau decisions (seed §4.2.2).
     """
     from mugen.flow.objective import sample_flow_path
-    from mugen.flow.timesteps import resolution_shift_ratio
-    from mugen.train.validation import _noise, validation_timesteps
+    from mugen.train.validation import validation_batches
 
-    if not samples:
-        raise MugenError("validation: no held-out samples; give at least one")
-    shapes = {tuple(item["latents"].shape) for item in samples}
-    text_shapes = {tuple(item["text_states"].shape) for item in samples}
-    if len(shapes) > 1 or len(text_shapes) > 1:
-        raise MugenError(
-            f"validation: samples mix latent shapes {sorted(shapes)} or text shapes {sorted(text_shapes)}; "
-            "validate one shape bucket at a time (pad captions to one length)"
-        )
     device = pipe.device
-    config = pipe.stages[0].config
-    channels, frames, height, width = shapes.pop()
-    ratio = resolution_shift_ratio(height * spatial_factor, width * spatial_factor, frames, shift_base_resolution)
-    levels = validation_timesteps(num_levels, ratio)  # (K,)
+    batches = validation_batches(
+        samples, num_levels=num_levels, seed=seed, spatial_factor=spatial_factor, shift_base_resolution=shift_base_resolution,
+        batch_size=batch_size, default_fps=pipe.stages[0].config.default_fps, device=device, pad_to=pipe.n_microbatches,
+    )
     holds_first = 0 in pipe.stage_indices
     holds_last = pipe.num_stages - 1 in pipe.stage_indices
     was_training = [stage.training for stage in pipe.stages]
@@ -257,20 +247,11 @@ def pipeline_validation_loss(
         stage.eval()
     total, count = 0.0, 0
     try:
-        rows = [(index, level) for index in range(len(samples)) for level in range(num_levels)]
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            padded = -(-len(chunk) // pipe.n_microbatches) * pipe.n_microbatches
-            run = chunk + [chunk[0]] * (padded - len(chunk))  # the repeated rows' losses are dropped below
-            x0 = torch.stack([samples[i]["latents"] for i, _ in run]).to(device).float()  # (B, C, T, h, w)
-            inputs = {
-                "x0": x0,
-                "t": levels[[k for _, k in run]].to(device),  # (B,)
-                "noise": torch.stack([_noise(seed, i, k, x0.shape[1:]) for i, k in run]).to(device),  # (B, C, T, h, w)
-                "text_states": torch.stack([samples[i]["text_states"] for i, _ in run]).to(device).float(),  # (B, L, D)
-                "text_mask": torch.stack([samples[i]["text_mask"] for i, _ in run]).to(device).bool(),  # (B, L)
-                "fps": torch.tensor([float(samples[i].get("fps", 0.0) or config.default_fps) for i, _ in run], device=device),
-            }
+        for rows, batch in batches:  # rows past ``rows`` repeat the first one: their losses are dropped below
+            x0 = batch["latents"]  # (B, C, T, h, w)
+            padded = x0.shape[0]
+            inputs = {name: batch[name] for name in ("t", "noise", "text_states", "text_mask", "fps")}
+            inputs = {"x0": x0, **inputs}
             key = (("eval", ()),) + tuple((name, tuple(value.shape)) for name, value in inputs.items())
             schedule = pipe._schedule_for(key)  # forward only: a schedule of its own
             args = (sample_flow_path(x0, inputs["t"], inputs["noise"], None).x_t,) if holds_first else ()
@@ -280,8 +261,8 @@ def pipeline_validation_loss(
                 per_sample = torch.empty(padded, device=device)
             per_sample = per_sample.detach().float().contiguous()  # (B,) unweighted
             dist.broadcast(per_sample, src=pipe.last_stage_rank, group=pipe.group)
-            total += float(per_sample[: len(chunk)].double().sum())
-            count += len(chunk)
+            total += float(per_sample[:rows].double().sum())
+            count += rows
     finally:
         for stage, training in zip(pipe.stages, was_training):
             stage.train(training)

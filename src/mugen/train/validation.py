@@ -16,7 +16,7 @@ transitions and by the training-strategy demonstrations (parameter expansion vs.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -43,6 +43,52 @@ def _noise(seed: int, sample: int, level: int, shape: Sequence[int]) -> Tensor:
     return torch.randn(tuple(shape), generator=generator)
 
 
+def validation_batches(
+    samples: Sequence[dict],
+    *,
+    num_levels: int,
+    seed: int,
+    spatial_factor: int,
+    shift_base_resolution: int,
+    batch_size: int,
+    default_fps: float,
+    device: str | torch.device,
+    pad_to: int = 1,
+) -> Iterator[tuple[int, dict[str, Tensor]]]:
+    """The held-out rows of :func:`flow_validation_loss`, ``batch_size`` at a time.
+
+    Every (sample, level) pair is one row. Yields ``(rows, batch)``: ``rows`` real rows, and the batch's
+    ``latents`` (B, C, T, h, w) float32, ``t`` (B,), ``noise`` (B, C, T, h, w), ``text_states`` (B, L, D) float32,
+    ``text_mask`` (B, L) bool and ``fps`` (B,). ``pad_to``: each batch is padded to a multiple of it by repeating
+    its first row (pipeline micro-batches); the padding rows come last.
+    """
+    if not samples:
+        raise MugenError("validation: no held-out samples; give at least one")
+    shapes = {tuple(item["latents"].shape) for item in samples}
+    text_shapes = {tuple(item["text_states"].shape) for item in samples}
+    if len(shapes) > 1 or len(text_shapes) > 1:
+        raise MugenError(
+            f"validation: samples mix latent shapes {sorted(shapes)} or text shapes {sorted(text_shapes)}; "
+            "validate one shape bucket at a time (pad captions to one length)"
+        )
+    _, frames, height, width = shapes.pop()
+    ratio = resolution_shift_ratio(height * spatial_factor, width * spatial_factor, frames, shift_base_resolution)
+    levels = validation_timesteps(num_levels, ratio)  # (K,)
+    rows = [(index, level) for index in range(len(samples)) for level in range(num_levels)]
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        chunk = chunk + [chunk[0]] * (-(-len(chunk) // pad_to) * pad_to - len(chunk))
+        latents = torch.stack([samples[i]["latents"] for i, _ in chunk]).to(device).float()  # (B, C, T, h, w)
+        yield min(batch_size, len(rows) - start), {
+            "latents": latents,
+            "t": levels[[k for _, k in chunk]].to(device),  # (B,)
+            "noise": torch.stack([_noise(seed, i, k, latents.shape[1:]) for i, k in chunk]).to(device),
+            "text_states": torch.stack([samples[i]["text_states"] for i, _ in chunk]).to(device).float(),  # (B, L, D)
+            "text_mask": torch.stack([samples[i]["text_mask"] for i, _ in chunk]).to(device).bool(),  # (B, L)
+            "fps": torch.tensor([float(samples[i].get("fps", 0.0) or default_fps) for i, _ in chunk], device=device),
+        }
+
+
 @torch.no_grad()
 def flow_validation_loss(
     model: nn.Module,
@@ -62,39 +108,21 @@ def flow_validation_loss(
     text length (one shape bucket; pad text beforehand). The model is put in eval mode for the call
     and restored afterwards.
     """
-    if not samples:
-        raise MugenError("validation: no held-out samples; give at least one")
-    shapes = {tuple(item["latents"].shape) for item in samples}
-    text_shapes = {tuple(item["text_states"].shape) for item in samples}
-    if len(shapes) > 1 or len(text_shapes) > 1:
-        raise MugenError(
-            f"validation: samples mix latent shapes {sorted(shapes)} or text shapes {sorted(text_shapes)}; "
-            "validate one shape bucket at a time (pad captions to one length)"
-        )
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    channels, frames, height, width = shapes.pop()
-    ratio = resolution_shift_ratio(height * spatial_factor, width * spatial_factor, frames, shift_base_resolution)
-    levels = validation_timesteps(num_levels, ratio)  # (K,)
+    batches = validation_batches(
+        samples, num_levels=num_levels, seed=seed, spatial_factor=spatial_factor, shift_base_resolution=shift_base_resolution,
+        batch_size=batch_size, default_fps=model.config.default_fps, device=device,
+    )
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     try:
-        # Every (sample, level) pair is one row; rows are evaluated batch_size at a time.
-        rows = [(index, level) for index in range(len(samples)) for level in range(num_levels)]
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            latents = torch.stack([samples[i]["latents"] for i, _ in chunk]).to(device)  # (B, C, T, h, w)
-            text = TextFeatures(
-                torch.stack([samples[i]["text_states"] for i, _ in chunk]).to(device).float(),  # (B, L, D)
-                torch.stack([samples[i]["text_mask"] for i, _ in chunk]).to(device).bool(),  # (B, L)
-            )
-            fps_values = [float(samples[i].get("fps", 0.0) or model.config.default_fps) for i, _ in chunk]
-            fps = torch.tensor(fps_values, device=device)  # (B,)
-            t = levels[[k for _, k in chunk]].to(device)  # (B,)
-            noise = torch.stack([_noise(seed, i, k, latents.shape[1:]) for i, k in chunk]).to(device)
-            per_sample = flow_matching_loss(model_velocity_fn(model, text, fps), latents.float(), t, noise)  # (B,)
+        for rows, batch in batches:
+            text = TextFeatures(batch["text_states"], batch["text_mask"])
+            velocity = model_velocity_fn(model, text, batch["fps"])
+            per_sample = flow_matching_loss(velocity, batch["latents"], batch["t"], batch["noise"])  # (B,)
             total += float(per_sample.double().sum())
-            count += len(chunk)
+            count += rows
     finally:
         model.train(was_training)
     return total / count
