@@ -157,6 +157,11 @@ def test_attention_option_sets_the_backend_of_the_run_and_rejects_unknown_ones(c
         code, out, _ = run_cli(["--attention", "MATH", "plan", "--preset", "1B", "--resolution", "360p", "--latent-frames", "10", "--gpu", "h100", "--gpus", "8"], capsys)
         assert code == 0 and out
         assert get_sdpa_backend() == "math"
+        plan = ["plan", "--preset", "1B", "--resolution", "360p", "--latent-frames", "10", "--gpu", "h100", "--gpus", "8"]
+        code, out, _ = run_cli(["--attention", "fa4", *plan], capsys)  # planned with FlashAttention-4's measured rate
+        assert code == 0 and "attention 400 TFLOP/s" in " ".join(out.split())
+        code, out, _ = run_cli(["--attention", "cudnn", *plan], capsys)
+        assert code == 0 and "attention 330 TFLOP/s" in " ".join(out.split())
         code, _, err = run_cli(["--attention", "fa5", "plan", "--preset", "1B", "--gpus", "8"], capsys)
         assert code == 2 and "SDPA backend 'fa5' is unknown" in err and "fa4" in err
     finally:

@@ -47,7 +47,8 @@ def register(commands) -> None:
 
 def run(args) -> int:
     from mugen.atomic import write_text_atomically
-    from mugen.distributed.plan import GPUS, Links, build_workload, plan_layouts
+    from mugen.distributed.plan import GPUS, Links, build_workload, gpu_for_attention_backend, plan_layouts
+    from mugen.models.common.attention import get_sdpa_backend
     from mugen.models.dit import dit_config
 
     if args.gpu.lower() not in GPUS:
@@ -65,7 +66,8 @@ def run(args) -> int:
         global_batch=args.global_batch or args.gpus,
     )
     links = Links(args.intra_node_gbps, args.inter_node_gbps, args.gpus_per_node)
-    result = plan_layouts(workload, GPUS[args.gpu.lower()], args.gpus, links, reserve_gib=args.reserve_gib)
+    gpu = gpu_for_attention_backend(GPUS[args.gpu.lower()], get_sdpa_backend())  # `mugen --attention fa4 plan ...`
+    result = plan_layouts(workload, gpu, args.gpus, links, reserve_gib=args.reserve_gib)
     print_plan(result, args.preset, args.top)
     if args.json:
         write_text_atomically(args.json, json.dumps(plan_record(result, args.preset), indent=1))

@@ -79,6 +79,18 @@ GPUS = {
 }
 
 
+# FlashAttention-4 (``--attention fa4``) fwd+bwd at head dim 72 on an H100: 402 TFLOP/s at the 10B block's shape,
+# 403 at the 1B's, 383-394 at the 2B's (benchmarks/results/fa4_attention.md); cuDNN ran 307-326 in the same runs.
+FA4_ATTENTION_TFLOPS = 400.0
+
+
+def gpu_for_attention_backend(gpu: GPUSpec, backend: str) -> GPUSpec:
+    """``gpu`` with the attention rate of the chosen SDPA backend (FlashAttention-4's for ``fa4``, else cuDNN's)."""
+    if backend != "fa4":
+        return gpu
+    return replace(gpu, attention_tflops=FA4_ATTENTION_TFLOPS, source=f"{gpu.source}; attention: FlashAttention-4 rate measured on an H100")
+
+
 @dataclass(frozen=True)
 class Links:
     """Per-GPU bus bandwidths (GB/s) for collectives inside a node and across nodes (assumed, not measured)."""

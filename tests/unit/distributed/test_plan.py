@@ -14,6 +14,7 @@ from mugen.distributed.plan import (
     build_workload,
     estimate_memory,
     estimate_time,
+    gpu_for_attention_backend,
     outside_parameters,
     parse_resolution,
     plan_layouts,
@@ -114,6 +115,17 @@ def test_time_model_recompute_and_communication(workload_10b):
     single = estimate_time(w, Layout(dp=1), 64, gpu, links)
     assert single.dp_comm_s == 0 and single.bubble_s == 0
     assert estimate_time(w, Layout(dp=4, pp=2), 16, gpu, links).bubble_s > 0
+
+
+def test_the_attention_backend_sets_the_attention_rate(workload_10b):
+    h100 = GPUS["h100"]
+    assert gpu_for_attention_backend(h100, "cudnn") is h100 and gpu_for_attention_backend(h100, "auto") is h100
+    fa4 = gpu_for_attention_backend(h100, "fa4")
+    assert fa4.attention_tflops == 400.0 and fa4.matmul_tflops == h100.matmul_tflops and "FlashAttention-4" in fa4.source
+    cudnn_time = estimate_time(workload_10b, Layout(dp=8), 8, h100, Links())
+    fa4_time = estimate_time(workload_10b, Layout(dp=8), 8, fa4, Links())
+    assert fa4_time.attention_s == pytest.approx(cudnn_time.attention_s * 330.0 / 400.0)
+    assert fa4_time.matmul_s == cudnn_time.matmul_s and fa4_time.step_s < cudnn_time.step_s
 
 
 def test_recommendation_is_the_fastest_layout_that_fits(workload_10b):
