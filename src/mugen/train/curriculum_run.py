@@ -401,10 +401,9 @@ def train_dit_curriculum(spec, curriculum: dict | CurriculumRunConfig, resume: b
     import dataclasses
 
     from mugen.data.datasets import collate_latent_batch
-    from mugen.models.dit import MUGDiT
     from mugen.models.dit.io import write_run_config
-    from mugen.train.distributed_run import apply_block_options, parallel_run_for
-    from mugen.train.runs import WeightAverages, dit_run_setup, initialise_from
+    from mugen.train.distributed_run import parallel_run_for
+    from mugen.train.runs import WeightAverages, build_run_model, dit_run_setup
     from mugen.train.tasks import DiTFlowTask
     from mugen.train.trainer import Trainer
 
@@ -427,18 +426,7 @@ def train_dit_curriculum(spec, curriculum: dict | CurriculumRunConfig, resume: b
     if is_main:
         write_run_config(spec.output_dir, run_record)
 
-    def initial_model() -> nn.Module:
-        torch.manual_seed(spec.train.seed)
-        model = MUGDiT(config)
-        if spec.init_from:
-            initialise_from(model, spec.init_from)
-        return model
-
-    if parallel is None:
-        model = initial_model()
-        apply_block_options(model, spec.parallel)  # activation checkpointing / per-block compile on one device
-    else:
-        model = parallel.build_model(config, initial_model)
+    model = build_run_model(spec, config, parallel)
     schedule = CurriculumSchedule(run.curriculum)
     sampler = CurriculumBatchSampler(
         schedule, dataset.members(), spec.batch_size, seed=spec.train.seed, grad_accum=spec.train.grad_accum,

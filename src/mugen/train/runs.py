@@ -238,12 +238,32 @@ def dit_run_setup(spec: "DiTRunSpec", first: dict, manifest: str | os.PathLike):
     return config, null_text, record
 
 
+def build_run_model(spec, config, parallel) -> torch.nn.Module:
+    """The MUG-DiT of a `train_dit` run: seeded, ``--init-from`` loaded, and laid over the ranks (``parallel``, a
+    ``ParallelRun``) or given the layout's block options on one process (``parallel`` None)."""
+    from mugen.models.dit import MUGDiT
+    from mugen.train.distributed_run import apply_block_options
+
+    def initial_model():
+        torch.manual_seed(spec.train.seed)
+        model = MUGDiT(config)
+        log.info("MUG-DiT %s: %.2fM parameters", spec.preset, model.num_parameters / 1e6)
+        if spec.init_from:
+            initialise_from(model, spec.init_from)
+        return model
+
+    if parallel is not None:
+        return parallel.build_model(config, initial_model)
+    model = initial_model()
+    apply_block_options(model, spec.parallel)  # activation checkpointing / per-block compile on one device
+    return model
+
+
 def train_dit(spec: DiTRunSpec, resume: bool = True) -> list[dict]:
     from mugen.data.datasets import LatentTextDataset, collate_latent_batch
     from mugen.data.sampling import ShapeBucketBatchSampler
-    from mugen.models.dit import MUGDiT
     from mugen.models.dit.io import write_run_config
-    from mugen.train.distributed_run import apply_block_options, parallel_run_for
+    from mugen.train.distributed_run import parallel_run_for
 
     manifest = Path(spec.manifest)
     dataset = LatentTextDataset(manifest, cache_in_memory=spec.cache_in_memory)
@@ -255,19 +275,7 @@ def train_dit(spec: DiTRunSpec, resume: bool = True) -> list[dict]:
     if parallel is None or parallel.is_main:
         write_run_config(spec.output_dir, run_record)
 
-    def initial_model():
-        torch.manual_seed(spec.train.seed)
-        model = MUGDiT(config)
-        log.info("MUG-DiT %s: %.2fM parameters", spec.preset, model.num_parameters / 1e6)
-        if spec.init_from:
-            initialise_from(model, spec.init_from)
-        return model
-
-    if parallel is None:
-        model = initial_model()
-        apply_block_options(model, spec.parallel)  # activation checkpointing / per-block compile on one device
-    else:
-        model = parallel.build_model(config, initial_model)
+    model = build_run_model(spec, config, parallel)
     keys = dataset.shape_keys()
     if spec.balanced:
         from mugen.data.balanced import BalancedBatchSampler, SampleCost, dit_tokens_for_shape_key
